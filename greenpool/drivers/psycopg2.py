@@ -1,0 +1,126 @@
+"""psycopg2 adapter, made cooperative by psycogreen's gevent wait callback.
+
+With a wait callback installed libpq runs in asynchronous mode, where it ignores
+``connect_timeout``; the adapter enforces the timeout with gevent instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import gevent
+
+from greenpool.drivers.base import ConnState
+from greenpool.drivers.psycopg3 import _gevent_patched
+
+
+class Psycopg2Driver:
+    """Driver adapter for psycopg2 (``driver="psycopg2"``)."""
+
+    name = "psycopg2"
+
+    def __init__(self) -> None:
+        try:
+            import psycopg2
+            import psycopg2.extensions as ext
+        except ImportError as ex:
+            raise ValueError(
+                "driver='psycopg2' needs psycopg2 and psycogreen: pip install 'greenpool[psycopg2]'"
+            ) from ex
+        self._psycopg2 = psycopg2
+        self._ext = ext
+        self._status = {
+            ext.TRANSACTION_STATUS_IDLE: ConnState.IDLE,
+            ext.TRANSACTION_STATUS_INTRANS: ConnState.IN_TRANSACTION,
+            ext.TRANSACTION_STATUS_INERROR: ConnState.IN_ERROR,
+            ext.TRANSACTION_STATUS_ACTIVE: ConnState.ACTIVE,
+            ext.TRANSACTION_STATUS_UNKNOWN: ConnState.BROKEN,
+        }
+
+    def prepare(self) -> None:
+        """Install psycogreen's gevent wait callback (idempotent)."""
+        if self._ext.get_wait_callback() is not None:
+            return
+        try:
+            from psycogreen.gevent import patch_psycopg
+        except ImportError as ex:
+            raise ValueError(
+                "driver='psycopg2' needs psycogreen: pip install 'greenpool[psycopg2]'"
+            ) from ex
+        patch_psycopg()
+
+    def cooperation_problems(self) -> list[str]:
+        problems = []
+        if not _gevent_patched("socket"):
+            problems.append(
+                "gevent has not monkey-patched socket: call gevent.monkey.patch_all() first"
+            )
+        if self._ext.get_wait_callback() is None:
+            problems.append(
+                "psycopg2 has no wait callback: every query blocks the hub "
+                "(install psycogreen; greenpool installs it when the pool is created)"
+            )
+        return problems
+
+    def validate_conninfo(self, conninfo: str) -> None:
+        try:
+            self._ext.parse_dsn(conninfo)
+        except self._psycopg2.Error:
+            raise ValueError(
+                "conninfo: libpq cannot parse the connection string; "
+                "check its key=value pairs or URL syntax"
+            ) from None
+
+    def connect(self, conninfo: str, kwargs: dict[str, Any], timeout: float) -> Any:
+        with gevent.Timeout(timeout, TimeoutError(f"connect timed out after {timeout:g} s")):
+            return self._psycopg2.connect(conninfo, **kwargs)
+
+    def state(self, conn: Any) -> ConnState:
+        if conn.closed:
+            return ConnState.BROKEN
+        return self._status.get(conn.info.transaction_status, ConnState.BROKEN)
+
+    def ping(self, conn: Any) -> None:
+        was = conn.autocommit
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+        finally:
+            if not conn.closed:
+                conn.autocommit = was
+
+    def commit(self, conn: Any) -> None:
+        conn.commit()
+
+    def rollback(self, conn: Any) -> None:
+        conn.rollback()
+
+    def execute(self, conn: Any, sql: str) -> None:
+        was = conn.autocommit
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            if not conn.closed:
+                conn.autocommit = was
+
+    def cancel(self, conn: Any, timeout: float) -> None:
+        # PQcancel opens a socket and blocks: run it in gevent's thread pool.
+        with gevent.Timeout(timeout, TimeoutError("cancel timed out")):
+            gevent.get_hub().threadpool.apply(conn.cancel)
+
+    def close(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+    def backend_pid(self, conn: Any) -> int | None:
+        try:
+            return int(conn.info.backend_pid)
+        except Exception:
+            return None
+
+    def is_connection(self, obj: Any) -> bool:
+        return isinstance(obj, self._psycopg2.extensions.connection)

@@ -1,0 +1,140 @@
+"""psycopg 3 adapter (the default driver).
+
+psycopg 3 cooperates with gevent by itself once ``select`` is monkey-patched *before*
+psycopg is imported: it then waits with ``select.poll``, which gevent makes cooperative.
+Imported earlier, it keeps its C wait function, which blocks the whole hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import sys
+from typing import Any
+
+import gevent
+
+from greenpool.drivers.base import ConnState
+
+
+def _gevent_patched(module: str) -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return bool(monkey and monkey.is_module_patched(module))
+
+
+class Psycopg3Driver:
+    """Driver adapter for psycopg 3 (``driver="psycopg"``)."""
+
+    name = "psycopg"
+
+    def __init__(self) -> None:
+        import psycopg
+        from psycopg.pq import TransactionStatus
+
+        self._psycopg = psycopg
+        self._status = {
+            TransactionStatus.IDLE: ConnState.IDLE,
+            TransactionStatus.INTRANS: ConnState.IN_TRANSACTION,
+            TransactionStatus.INERROR: ConnState.IN_ERROR,
+            TransactionStatus.ACTIVE: ConnState.ACTIVE,
+            TransactionStatus.UNKNOWN: ConnState.BROKEN,
+        }
+        try:
+            from psycopg.pq import version as libpq_version
+
+            self._cancel_safe = libpq_version() >= 170000
+        except Exception:  # pragma: no cover - very old psycopg
+            self._cancel_safe = False
+
+    def prepare(self) -> None:
+        """psycopg 3 needs nothing installed: patching ``select`` first is enough."""
+
+    def cooperation_problems(self) -> list[str]:
+        problems = []
+        if not _gevent_patched("socket") or not _gevent_patched("select"):
+            problems.append(
+                "gevent has not monkey-patched socket/select: call gevent.monkey.patch_all() "
+                "first thing (gunicorn -k gevent does it for you)"
+            )
+            return problems
+        from psycopg import waiting
+
+        wait_c = getattr(waiting, "wait_c", None)
+        if wait_c is not None and waiting.wait is wait_c:
+            problems.append(
+                "psycopg was imported before gevent patched select, so it waits in C and "
+                "blocks the hub: import gevent and call monkey.patch_all() before psycopg"
+            )
+        sel = getattr(waiting, "DefaultSelector", None)
+        if sel is not None and sel is not selectors.DefaultSelector:
+            problems.append(
+                "psycopg.waiting captured an unpatched selectors.DefaultSelector "
+                "(imported before monkey.patch_all()): connecting would block the hub"
+            )
+        return problems
+
+    def validate_conninfo(self, conninfo: str) -> None:
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(conninfo)
+        except self._psycopg.Error as ex:
+            # libpq quotes the offending fragment, which may be a password: say less.
+            raise ValueError(
+                "conninfo: libpq cannot parse the connection string "
+                f"({type(ex).__name__}); check its key=value pairs or URL syntax"
+            ) from None
+
+    def connect(self, conninfo: str, kwargs: dict[str, Any], timeout: float) -> Any:
+        with gevent.Timeout(timeout, TimeoutError(f"connect timed out after {timeout:g} s")):
+            return self._psycopg.Connection.connect(conninfo, **kwargs)
+
+    def state(self, conn: Any) -> ConnState:
+        if conn.closed or conn.broken:
+            return ConnState.BROKEN
+        return self._status.get(conn.pgconn.transaction_status, ConnState.BROKEN)
+
+    def ping(self, conn: Any) -> None:
+        # An empty query is the cheapest round trip; autocommit keeps it outside a
+        # transaction so the connection stays IDLE (as psycopg_pool's check does).
+        if conn.autocommit:
+            conn.execute("")
+            return
+        conn.autocommit = True
+        try:
+            conn.execute("")
+        finally:
+            conn.autocommit = False
+
+    def commit(self, conn: Any) -> None:
+        conn.commit()
+
+    def rollback(self, conn: Any) -> None:
+        conn.rollback()
+
+    def execute(self, conn: Any, sql: str) -> None:
+        was = conn.autocommit
+        conn.autocommit = True
+        try:
+            conn.execute(sql)
+        finally:
+            conn.autocommit = was
+
+    def cancel(self, conn: Any, timeout: float) -> None:
+        if self._cancel_safe:
+            conn.cancel_safe(timeout=timeout)
+        else:  # libpq < 17: PQcancel blocks, so run it off the hub.
+            gevent.get_hub().threadpool.apply(conn.cancel)
+
+    def close(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+    def backend_pid(self, conn: Any) -> int | None:
+        try:
+            return int(conn.info.backend_pid)
+        except Exception:
+            return None
+
+    def is_connection(self, obj: Any) -> bool:
+        return isinstance(obj, self._psycopg.Connection)
