@@ -1,0 +1,70 @@
+"""Test setup: gevent patching first, then one private PostgreSQL cluster per session.
+
+``GREENPOOL_TEST_DSN`` points the suite at an existing server instead; tests that must
+stop or restart the server (marked ``needs_restart``) are skipped then.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+from greenpool import GreenPool  # noqa: E402
+from tests.support.pgcluster import PgCluster  # noqa: E402
+
+EXTERNAL_DSN = os.environ.get("GREENPOOL_TEST_DSN", "")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster | None]:
+    """The private cluster, or None when GREENPOOL_TEST_DSN names a server."""
+    if EXTERNAL_DSN:
+        yield None
+        return
+    cluster = PgCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def dsn(pg_cluster: PgCluster | None) -> str:
+    """A superuser key=value DSN over TCP loopback."""
+    if pg_cluster is None:
+        return EXTERNAL_DSN
+    return pg_cluster.admin_dsn
+
+
+@pytest.fixture
+def cluster(pg_cluster: PgCluster | None) -> Iterator[PgCluster]:
+    """The private cluster for tests that stop/restart it; running again afterwards."""
+    if pg_cluster is None:
+        pytest.skip("needs the private cluster (GREENPOOL_TEST_DSN is set)")
+    yield pg_cluster
+    if not pg_cluster.is_running():
+        pg_cluster.start()
+
+
+@pytest.fixture
+def make_pool(dsn: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., GreenPool]]:
+    """Factory for pools named after the test (so backends can be found by
+    application_name); every pool is closed at teardown."""
+    pools: list[GreenPool] = []
+    base = "gp_" + request.node.name.replace("[", "_").replace("]", "")[:40]
+
+    def factory(conninfo: str | None = None, **kwargs: Any) -> GreenPool:
+        kwargs.setdefault("name", f"{base}_{len(pools)}")
+        pool = GreenPool(dsn if conninfo is None else conninfo, **kwargs)
+        pools.append(pool)
+        return pool
+
+    yield factory
+    for pool in pools:
+        pool.close(timeout=1)

@@ -1,0 +1,98 @@
+"""A fast in-memory driver for model-based tests (real-server tests live elsewhere).
+
+Connections are plain objects whose transaction state the test sets directly. Connect,
+ping, rollback and cancel each yield to the hub (``gevent.sleep``) so greenlets can be
+killed in the middle of them, as with a real socket.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import gevent
+
+from greenpool.drivers.base import ConnState
+
+
+class FakeConn:
+    """One fake server session."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self) -> None:
+        self.id = next(self._ids)
+        self.state = ConnState.IDLE
+        self.closed = False
+        self.cancelled = False
+        self.dead = False  # the "server" dropped it: pings fail
+
+    def __repr__(self) -> str:
+        return f"<FakeConn {self.id} {self.state.value}{' closed' if self.closed else ''}>"
+
+
+class FakeDriver:
+    """Implements greenpool.drivers.base.Driver in memory."""
+
+    name = "fake"
+
+    def __init__(self, connect_delay: float = 0.0, op_delay: float = 0.0) -> None:
+        self.connect_delay = connect_delay
+        self.op_delay = op_delay
+        self.fail_connect: BaseException | None = None
+        self.conns: list[FakeConn] = []
+
+    # -- Driver interface
+    def prepare(self) -> None:
+        pass
+
+    def cooperation_problems(self) -> list[str]:
+        return []
+
+    def validate_conninfo(self, conninfo: str) -> None:
+        pass
+
+    def connect(self, conninfo: str, kwargs: dict[str, Any], timeout: float) -> FakeConn:
+        gevent.sleep(self.connect_delay)
+        if self.fail_connect is not None:
+            raise self.fail_connect
+        conn = FakeConn()
+        self.conns.append(conn)
+        return conn
+
+    def state(self, conn: FakeConn) -> ConnState:
+        return ConnState.BROKEN if conn.closed else conn.state
+
+    def ping(self, conn: FakeConn) -> None:
+        gevent.sleep(self.op_delay)
+        if conn.dead or conn.closed:
+            raise OSError("fake connection is dead")
+
+    def commit(self, conn: FakeConn) -> None:
+        gevent.sleep(self.op_delay)
+        conn.state = ConnState.IDLE
+
+    def rollback(self, conn: FakeConn) -> None:
+        conn.state = ConnState.ACTIVE  # a kill during the round trip leaves it active
+        gevent.sleep(self.op_delay)
+        conn.state = ConnState.IDLE
+
+    def execute(self, conn: FakeConn, sql: str) -> None:
+        gevent.sleep(self.op_delay)
+
+    def cancel(self, conn: FakeConn, timeout: float) -> None:
+        gevent.sleep(self.op_delay)
+        conn.cancelled = True
+
+    def close(self, conn: FakeConn) -> None:
+        conn.closed = True
+
+    def backend_pid(self, conn: FakeConn) -> int | None:
+        return conn.id
+
+    def is_connection(self, obj: Any) -> bool:
+        return isinstance(obj, FakeConn)
+
+    # -- helpers for tests
+    def open_conns(self) -> list[FakeConn]:
+        return [c for c in self.conns if not c.closed]
