@@ -190,6 +190,8 @@ class GreenPool:
         self._waiters: WaitQueue[_Conn] = WaitQueue()
         self._connectors: set[Greenlet] = set()
         self._maintenance: Greenlet | None = None
+        self._maintenance_wake = Event()
+        self._check_soon = False
         self._wait_target = 0  # connections wait() wants even when min_size is 0
         self._outcome_events: list[Event] = []
         self._returned_event: Event | None = None
@@ -508,6 +510,10 @@ class GreenPool:
         else:
             self._broken_destroy_count += 1
             self._discard(rec)
+            if state is ConnState.BROKEN:
+                # One dead connection often means more (server restart, failover):
+                # check the idle ones now rather than at the next health-check period.
+                self._wake_maintenance(check=True)
 
     def _clean(self, rec: _Conn) -> ConnState:
         """Bring a returned connection back to IDLE; return the state that stopped it."""
@@ -667,7 +673,7 @@ class GreenPool:
                     self._constructing -= 1
                     raise
                 if epoch != self._epoch:  # forked meanwhile: not ours to touch
-                    _FORK_ORPHANS.append(conn)
+                    _orphan(conn)
                     return
                 self._constructing -= 1
                 self._busy += 1
@@ -756,13 +762,19 @@ class GreenPool:
         while self._state == _OPEN and epoch == self._epoch:
             try:
                 self._reap()
-                if monotonic() >= next_check:
+                if self._check_soon or monotonic() >= next_check:
+                    self._check_soon = False
                     self._health_check()
                     next_check = monotonic() + self.settings.health_check_period
                 self._grow()
             except Exception:
                 logger.exception("pool %r: maintenance error (continuing)", self.name)
-            gevent.sleep(self._maintenance_interval())
+            self._maintenance_wake.wait(self._maintenance_interval())
+            self._maintenance_wake.clear()
+
+    def _wake_maintenance(self, *, check: bool = False) -> None:
+        self._check_soon = self._check_soon or check
+        self._maintenance_wake.set()
 
     def _maintenance_interval(self) -> float:
         s = self.settings
@@ -924,14 +936,15 @@ class GreenPool:
 
     def _forget_after_fork(self) -> None:
         """In a forked child: drop (never close) the parent's connections and greenlets."""
-        _FORK_ORPHANS.extend(rec.conn for rec in self._idle)
-        _FORK_ORPHANS.extend(rec.conn for rec in self._lent.values())
+        for rec in (*self._idle, *self._lent.values()):
+            _orphan(rec.conn)
         self._idle.clear()
         self._lent.clear()
         self._busy = self._constructing = self._closing = 0
         self._waiters = WaitQueue()
         self._connectors = set()
         self._maintenance = None
+        self._maintenance_wake = Event()
         self._outcome_events = []
         self._returned_event = None
         self._epoch += 1
@@ -958,6 +971,25 @@ def _check_timeout(timeout: Any) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
         raise ValueError(f"timeout: must be a non-negative number of seconds, got {timeout!r}")
     return float(timeout)
+
+
+def _orphan(conn: Any) -> None:
+    """In a forked child, make a parent's connection harmless.
+
+    Its socket descriptor is pointed at /dev/null, so whatever the child does with the
+    object (close it, or let a finaliser send a Terminate) never reaches the parent's
+    server session; the object is also kept referenced so it is never finalised.
+    """
+    _FORK_ORPHANS.append(conn)
+    try:
+        fd = conn.fileno()
+    except Exception:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _after_fork_in_child() -> None:

@@ -17,6 +17,8 @@ import pytest  # noqa: E402
 from greenpool import GreenPool  # noqa: E402
 from tests.support.pgcluster import PgCluster  # noqa: E402
 
+import psycopg  # noqa: E402
+
 EXTERNAL_DSN = os.environ.get("GREENPOOL_TEST_DSN", "")
 
 
@@ -40,6 +42,28 @@ def dsn(pg_cluster: PgCluster | None) -> str:
     if pg_cluster is None:
         return EXTERNAL_DSN
     return pg_cluster.admin_dsn
+
+
+class ExternalServer:
+    """The admin helpers of PgCluster, for a server named by GREENPOOL_TEST_DSN."""
+
+    execute = PgCluster.execute
+    backend_count = PgCluster.backend_count
+    terminate_backends = PgCluster.terminate_backends
+    active_queries = PgCluster.active_queries
+
+    def __init__(self, dsn: str) -> None:
+        self.admin_dsn = dsn
+
+    def connect_admin(self, **extra: Any) -> psycopg.Connection[Any]:
+        extra.setdefault("application_name", "pgcluster-admin")
+        return psycopg.connect(self.admin_dsn, autocommit=True, **extra)
+
+
+@pytest.fixture(scope="session")
+def admin(pg_cluster: PgCluster | None, dsn: str) -> PgCluster | ExternalServer:
+    """Admin helpers (backend_count, terminate_backends, active_queries, execute)."""
+    return pg_cluster if pg_cluster is not None else ExternalServer(dsn)
 
 
 @pytest.fixture

@@ -39,16 +39,22 @@ class Psycopg2Driver:
         }
 
     def prepare(self) -> None:
-        """Install psycogreen's gevent wait callback (idempotent)."""
-        if self._ext.get_wait_callback() is not None:
-            return
+        """Install a gevent wait callback: psycogreen's, plus cancel-on-interrupt.
+
+        A user's own callback is left alone. psycogreen's is replaced by a wrapper that,
+        when the waiting greenlet is killed or times out mid-query, asks the server to
+        cancel the query before psycopg2 closes the connection (after which the cancel
+        key is gone and the query would run on).
+        """
         try:
-            from psycogreen.gevent import patch_psycopg
+            from psycogreen.gevent import gevent_wait_callback
         except ImportError as ex:
             raise ValueError(
                 "driver='psycopg2' needs psycogreen: pip install 'greenpool[psycopg2]'"
             ) from ex
-        patch_psycopg()
+        current = self._ext.get_wait_callback()
+        if current is None or current is gevent_wait_callback:
+            self._ext.set_wait_callback(_make_cancelling_callback(gevent_wait_callback))
 
     def cooperation_problems(self) -> list[str]:
         problems = []
@@ -124,3 +130,20 @@ class Psycopg2Driver:
 
     def is_connection(self, obj: Any) -> bool:
         return isinstance(obj, self._psycopg2.extensions.connection)
+
+
+def _make_cancelling_callback(wait: Any) -> Any:
+    def greenpool_wait_callback(conn: Any, timeout: float | None = None) -> None:
+        try:
+            wait(conn, timeout)
+        except BaseException:
+            # PQcancel opens a socket and blocks: run it in a thread, bounded.
+            try:
+                with gevent.Timeout(2.0):
+                    gevent.get_hub().threadpool.apply(conn.cancel)
+            except BaseException:
+                pass
+            raise
+
+    greenpool_wait_callback.greenpool = True  # type: ignore[attr-defined]
+    return greenpool_wait_callback

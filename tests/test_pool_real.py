@@ -1,0 +1,580 @@
+"""The pool against a real PostgreSQL server over loopback TCP."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import pytest
+
+import greenpool.pool
+from greenpool import ConnectError, GreenPool, PoolClosed, PoolError, PoolTimeout
+from tests.support.pgcluster import PW_PASSWORD, PW_USER, PgCluster
+
+Factory = Callable[..., GreenPool]
+DRIVERS = ["psycopg", "psycopg2"]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> bool:
+    """Poll a condition with a deadline (for server-side effects that have no event)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        gevent.sleep(step)
+    return predicate()
+
+
+def assert_consistent(pool: GreenPool) -> dict[str, Any]:
+    s = pool.stats()
+    assert s["total"] == s["idle"] + s["acquired"] + s["constructing"], s
+    assert s["total"] + s["closing"] <= s["max_size"] or s["acquired"] > s["max_size"], s
+    return s
+
+
+def backend_pid(conn: Any) -> int:
+    return int(conn.info.backend_pid)
+
+
+def run_query(conn: Any, sql: str) -> list[Any]:
+    cur = conn.cursor()
+    cur.execute(sql)
+    return list(cur.fetchall()) if cur.description else []
+
+
+# ---------------------------------------------------------------- cooperation
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_queries_cooperate_and_the_hub_never_stalls(make_pool: Factory, driver: str) -> None:
+    pool = make_pool(min_size=10, max_size=10, driver=driver)
+    pool.wait(10)
+    pool.check_cooperation()
+    gaps: list[float] = []
+    stop = False
+
+    def ticker() -> None:
+        last = time.monotonic()
+        while not stop:
+            gevent.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    def sleeper() -> None:
+        with pool.connection() as conn:
+            run_query(conn, "SELECT pg_sleep(0.2)")
+
+    tick = gevent.spawn(ticker)
+    start = time.monotonic()
+    gevent.joinall([gevent.spawn(sleeper) for _ in range(10)], raise_error=True)
+    elapsed = time.monotonic() - start
+    stop = True
+    tick.join()
+    assert elapsed < 0.8, f"10 x pg_sleep(0.2) took {elapsed:.2f}s: not concurrent"
+    assert max(gaps) < 0.15, f"the hub stalled for {max(gaps):.3f}s"
+
+
+IMPORT_ORDER_SCRIPT = """
+import warnings, sys
+{before}
+from gevent import monkey
+{patch}
+import greenpool
+problems = greenpool.cooperation_problems("psycopg")
+try:
+    greenpool.check_cooperation()
+except greenpool.CooperationError as ex:
+    print("RAISED:", ex)
+else:
+    print("OK")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    pool = greenpool.GreenPool({dsn!r}, min_size=0, name="import_order")
+    pool.close()
+print("WARNED" if any("cooperate" in str(w.message) for w in caught) else "QUIET")
+"""
+
+
+@pytest.mark.parametrize(
+    ("before", "patch", "expect"),
+    [
+        ("", "monkey.patch_all()", ["OK", "QUIET"]),
+        ("import psycopg", "monkey.patch_all()", ["RAISED:", "imported before", "WARNED"]),
+        ("", "", ["RAISED:", "not monkey-patched", "WARNED"]),
+    ],
+    ids=["patched-first", "psycopg-imported-first", "not-patched"],
+)
+def test_import_order_check(dsn: str, before: str, patch: str, expect: list[str]) -> None:
+    import subprocess
+    import sys
+
+    script = IMPORT_ORDER_SCRIPT.format(before=before, patch=patch, dsn=dsn)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for word in expect:
+        assert word in out.stdout, out.stdout
+
+
+# ---------------------------------------------------------------- sizes and fairness
+
+
+def test_never_more_than_max_size_backends_under_a_slow_connect(
+    make_pool: Factory, admin: PgCluster
+) -> None:
+    def slow_configure(conn: Any) -> None:
+        gevent.sleep(0.1)  # a slow connect: the slot is held while it runs
+
+    pool = make_pool(min_size=0, max_size=4, configure=slow_configure, max_connecting=4)
+    seen: list[int] = []
+    stop = False
+
+    def sampler() -> None:
+        while not stop:
+            seen.append(admin.backend_count(pool.name))
+            assert_consistent(pool)
+
+    def borrower() -> None:
+        for _ in range(3):
+            with pool.connection(timeout=10) as conn:
+                run_query(conn, "SELECT pg_sleep(0.01)")
+
+    sample = gevent.spawn(sampler)
+    gevent.joinall([gevent.spawn(borrower) for _ in range(50)], raise_error=True)
+    stop = True
+    sample.join()
+    assert max(seen) <= 4, seen
+    assert pool.stats()["new_conns_count"] == 4
+
+
+def test_waiters_are_served_in_arrival_order(make_pool: Factory) -> None:
+    pool = make_pool(min_size=2, max_size=2)
+    pool.wait(10)
+    held = [pool.getconn(), pool.getconn()]
+    order: list[int] = []
+
+    def borrower(i: int) -> None:
+        with pool.connection(timeout=10) as conn:
+            order.append(i)
+            run_query(conn, "SELECT 1")
+
+    greenlets = []
+    for i in range(30):
+        greenlets.append(gevent.spawn(borrower, i))
+        gevent.sleep(0)
+    for conn in held:
+        pool.putconn(conn)
+    gevent.joinall(greenlets, raise_error=True)
+    assert order == list(range(30))
+
+
+def test_timeouts_and_max_waiting_with_a_real_server(make_pool: Factory) -> None:
+    from greenpool import TooManyRequests
+
+    pool = make_pool(min_size=1, max_size=1, max_waiting=1)
+    conn = pool.getconn(timeout=10)
+    start = time.monotonic()
+    with pytest.raises(PoolTimeout):
+        pool.getconn(timeout=0.2)
+    assert 0.15 < time.monotonic() - start < 1.0
+    waiter = gevent.spawn(pool.getconn, 10)
+    gevent.sleep(0.01)
+    with pytest.raises(TooManyRequests):
+        pool.getconn(timeout=10)
+    pool.putconn(conn)
+    pool.putconn(waiter.get(timeout=5))
+    assert_consistent(pool)
+
+
+def test_thousands_of_killed_or_timed_out_waiters_leak_nothing(
+    make_pool: Factory, admin: PgCluster
+) -> None:
+    pool = make_pool(min_size=0, max_size=3, timeout=0.05)
+    rng = random.Random(1234)
+    kills = 0
+
+    def borrower() -> None:
+        with pool.connection() as conn:
+            run_query(conn, "SELECT 1")
+
+    deadline = time.monotonic() + 20
+    batch: list[gevent.Greenlet] = []
+    for _ in range(2500):
+        if time.monotonic() > deadline:
+            break
+        g = gevent.spawn(borrower)
+        batch.append(g)
+        if rng.random() < 0.5:
+            gevent.sleep(rng.choice([0, 0, 0.0005, 0.001]))
+            if rng.random() < 0.5:
+                g.kill(block=False)
+            else:
+                g.kill(gevent.Timeout(), block=False)
+            kills += 1
+        if len(batch) >= 20:
+            gevent.joinall(batch)
+            batch = []
+    gevent.joinall(batch)
+    assert kills > 500
+    assert wait_until(lambda: pool.stats()["acquired"] == 0 and pool.stats()["closing"] == 0)
+    s = assert_consistent(pool)
+    assert s["waiting"] == 0 and s["total"] <= 3, s
+    held = [pool.getconn(timeout=10) for _ in range(3)]  # every slot still usable
+    for conn in held:
+        assert run_query(conn, "SELECT 1") == [(1,)]
+        pool.putconn(conn)
+    assert admin.backend_count(pool.name) <= 3
+
+
+# ---------------------------------------------------------------- release semantics
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("how", ["kill", "timeout"])
+def test_borrower_dying_mid_query_discards_and_cancels_on_server(
+    make_pool: Factory, admin: PgCluster, driver: str, how: str
+) -> None:
+    pool = make_pool(min_size=1, max_size=1, driver=driver)
+    pids: list[int] = []
+
+    def borrower() -> None:
+        with pool.connection() as conn:
+            pids.append(backend_pid(conn))
+            run_query(conn, "SELECT pg_sleep(30)")
+
+    g = gevent.spawn(borrower)
+    assert wait_until(lambda: len(admin.active_queries(pool.name)) == 1)
+    g.kill(gevent.Timeout() if how == "timeout" else gevent.GreenletExit(), block=True)
+    assert wait_until(lambda: not admin.active_queries(pool.name), timeout=10), (
+        "query still running on the server after the borrower died"
+    )
+    with pool.connection(timeout=10) as conn:
+        assert backend_pid(conn) != pids[0], "the dirty connection was reused"
+        assert run_query(conn, "SELECT 1") == [(1,)]
+    s = assert_consistent(pool)
+    assert s["broken_destroy_count"] == 1, s
+    # psycopg 3 leaves the connection ACTIVE and the pool cancels; psycopg2 closes it
+    # itself, so greenpool's wait callback cancels before that happens.
+    assert s["cancel_count"] == (1 if driver == "psycopg" else 0), s
+
+
+@pytest.fixture
+def table(admin: PgCluster, request: pytest.FixtureRequest) -> str:
+    name = "t_" + request.node.name.replace("[", "_").replace("]", "").replace("-", "_")[:40]
+    admin.execute(f"DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (v int)")
+    return name
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_release_in_each_transaction_state(
+    make_pool: Factory, admin: PgCluster, table: str, driver: str
+) -> None:
+    pool = make_pool(min_size=1, max_size=1, driver=driver)
+
+    # In a transaction: rolled back on release.
+    conn = pool.getconn()
+    pid = backend_pid(conn)
+    run_query(conn, f"INSERT INTO {table} VALUES (1)")
+    pool.putconn(conn)
+    assert admin.execute(f"SELECT count(*) FROM {table}") == [(0,)]
+
+    # In a failed transaction: rolled back, reusable.
+    conn = pool.getconn()
+    with pytest.raises(Exception, match="division by zero"):
+        run_query(conn, "SELECT 1/0")
+    pool.putconn(conn)
+    conn = pool.getconn()
+    assert backend_pid(conn) == pid
+    assert run_query(conn, "SELECT 2") == [(2,)]
+    pool.putconn(conn)
+
+    # Closed by the borrower: discarded and replaced.
+    conn = pool.getconn()
+    conn.close()
+    pool.putconn(conn)
+    conn = pool.getconn(timeout=10)
+    assert backend_pid(conn) != pid
+    pool.putconn(conn)
+    assert pool.stats()["rollback_count"] == 3  # the SELECT 2 opened a transaction too
+    assert_consistent(pool)
+
+
+def test_connection_context_commits_or_rolls_back(
+    make_pool: Factory, admin: PgCluster, table: str
+) -> None:
+    pool = make_pool(min_size=1, max_size=1)
+    with pool.connection() as conn:
+        run_query(conn, f"INSERT INTO {table} VALUES (1)")
+    with pytest.raises(RuntimeError), pool.connection() as conn:
+        run_query(conn, f"INSERT INTO {table} VALUES (2)")
+        raise RuntimeError("boom")
+    with pytest.raises(PoolError, match="rolled back"), pool.connection() as conn:
+        run_query(conn, f"INSERT INTO {table} VALUES (3)")
+        try:
+            run_query(conn, "SELECT 1/0")
+        except Exception:
+            pass  # swallowed: the block must not pretend it committed
+    assert admin.execute(f"SELECT v FROM {table} ORDER BY v") == [(1,)]
+    assert_consistent(pool)
+
+
+# ---------------------------------------------------------------- server-side faults
+
+
+def test_terminated_idle_backends_are_replaced_before_anyone_sees_an_error(
+    make_pool: Factory, admin: PgCluster
+) -> None:
+    pool = make_pool(min_size=3, max_size=3, check_idle_after=0.0)
+    pool.wait(10)
+    assert admin.terminate_backends(pool.name) == 3
+    for _ in range(10):
+        with pool.connection(timeout=10) as conn:
+            assert run_query(conn, "SELECT 1") == [(1,)]
+    assert pool.stats()["check_failed_count"] == 3
+
+
+def test_health_check_replaces_dead_idle_connections_by_itself(
+    make_pool: Factory, admin: PgCluster
+) -> None:
+    pool = make_pool(min_size=2, max_size=2, health_check_period=0.2)
+    pool.wait(10)
+    admin.terminate_backends(pool.name)
+    assert wait_until(lambda: pool.stats()["check_failed_count"] >= 2)
+    assert wait_until(lambda: admin.backend_count(pool.name) == 2)
+    assert pool.stats()["acquire_count"] == 0  # nobody had to ask
+    assert pool.check() == 0  # check() on healthy connections replaces nothing
+
+
+@pytest.mark.needs_restart
+def test_pool_recovers_by_itself_after_a_server_restart(
+    make_pool: Factory, cluster: PgCluster
+) -> None:
+    pool = make_pool(min_size=2, max_size=4, timeout=0.5, health_check_period=0.5)
+    pool.wait(10)
+    cluster.stop("fast")
+    # Connections idle for less than check_idle_after are not pinged, so a borrower may see
+    # the server's shutdown error once; then the pool checks the rest and later acquires
+    # time out (quickly, with the connection error), never hang.
+    errors: list[BaseException] = []
+    for _ in range(5):
+        start = time.monotonic()
+        try:
+            with pool.connection() as conn:
+                run_query(conn, "SELECT 1")
+        except Exception as ex:
+            errors.append(ex)
+        assert time.monotonic() - start < 2.0
+        if isinstance(errors[-1], PoolTimeout):
+            break
+    assert isinstance(errors[-1], PoolTimeout), errors
+    assert "last connection error" in str(errors[-1])
+    assert len(errors) <= 3, errors
+    cluster.start()
+    back = time.monotonic()
+    assert wait_until(lambda: cluster.backend_count(pool.name) == 2, timeout=15)
+    recovery = time.monotonic() - back
+    with pool.connection(timeout=5) as conn:
+        assert run_query(conn, "SELECT 1") == [(1,)]
+    assert recovery < 10, recovery
+    assert_consistent(pool)
+
+
+def test_wrong_password_fails_fast_at_open(pg_cluster: PgCluster | None) -> None:
+    if pg_cluster is None:
+        pytest.skip("needs the private cluster's password role")
+    bad = pg_cluster.dsn(PW_USER, password="wrong-" + PW_PASSWORD)
+    pool = GreenPool(bad, min_size=2, name="gp_wrong_password", open=False)
+    start = time.monotonic()
+    with pytest.raises(ConnectError, match="password authentication failed") as info:
+        pool.open(wait=True, timeout=20)
+    assert time.monotonic() - start < 3
+    assert PW_PASSWORD not in str(info.value) and PW_PASSWORD not in repr(pool)
+    assert pool.closed
+    with pytest.raises(PoolClosed):
+        pool.getconn()
+
+
+def test_no_server_fails_fast_at_open() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    pool = GreenPool(f"host=127.0.0.1 port={port} user=x dbname=x", open=False)
+    start = time.monotonic()
+    with pytest.raises(ConnectError, match="refused"):
+        pool.open(wait=True)
+    assert time.monotonic() - start < 3
+
+
+# ---------------------------------------------------------------- ageing and sizing
+
+
+def test_idle_connections_above_min_size_are_reaped(make_pool: Factory, admin: PgCluster) -> None:
+    pool = make_pool(min_size=1, max_size=4, max_idle=0.3)
+    pool.wait(10)
+    held = [pool.getconn(timeout=10) for _ in range(4)]
+    for conn in held:
+        pool.putconn(conn)
+    assert pool.stats()["total"] == 4
+    assert wait_until(lambda: pool.stats()["total"] == 1, timeout=5)
+    assert pool.stats()["idle_destroy_count"] == 3
+    assert wait_until(lambda: admin.backend_count(pool.name) == 1)
+
+
+def test_connections_are_retired_at_max_lifetime_with_jitter(make_pool: Factory) -> None:
+    pool = make_pool(min_size=3, max_size=3, max_lifetime=0.6, max_lifetime_jitter=0.3)
+    pool.wait(10)
+    expiries = [rec.expires_at - rec.created for rec in pool._idle]
+    assert all(0.3 <= e <= 0.6 for e in expiries), expiries
+    assert len(set(expiries)) == 3, "jitter should spread expiry times"
+    first_pids = set()
+    for _ in range(3):
+        conn = pool.getconn()
+        first_pids.add(backend_pid(conn))
+        pool.putconn(conn)
+    assert wait_until(lambda: pool.stats()["lifetime_destroy_count"] >= 3, timeout=5)
+    assert wait_until(lambda: pool.stats()["total"] == 3)
+    conn = pool.getconn(timeout=10)
+    assert backend_pid(conn) not in first_pids
+    pool.putconn(conn)
+
+
+def test_resize_grows_and_shrinks(make_pool: Factory, admin: PgCluster) -> None:
+    pool = make_pool(min_size=1, max_size=2)
+    pool.wait(10)
+    pool.resize(4, 6)
+    assert wait_until(lambda: admin.backend_count(pool.name) == 4)
+    held = [pool.getconn(timeout=10) for _ in range(6)]
+    pool.resize(1, 2)
+    for conn in held:
+        pool.putconn(conn)  # surplus ones are closed as they come back
+    assert pool.stats()["total"] <= 2
+    assert wait_until(lambda: admin.backend_count(pool.name) <= 2)
+    with pytest.raises(ValueError, match="min_size"):
+        pool.resize(3, 2)
+    assert pool.max_size == 2
+
+
+def test_drain_replaces_every_connection(make_pool: Factory, admin: PgCluster) -> None:
+    pool = make_pool(min_size=3, max_size=3)
+    pool.wait(10)
+    lent = pool.getconn()
+    old = {backend_pid(lent)} | {int(r.conn.info.backend_pid) for r in pool._idle}
+    pool.drain(timeout=10)
+    idle_now = {int(r.conn.info.backend_pid) for r in pool._idle}
+    assert not idle_now & old
+    assert run_query(lent, "SELECT 1") == [(1,)]  # a borrowed one keeps working...
+    pool.putconn(lent)  # ...and is retired when it comes back
+    assert wait_until(lambda: admin.backend_count(pool.name) == 3)
+    pids = set()
+    for _ in range(3):
+        conn = pool.getconn(timeout=10)
+        pids.add(backend_pid(conn))
+    assert not pids & old
+    assert_consistent(pool)
+
+
+def test_reset_closes_everything_and_reconnects(make_pool: Factory, admin: PgCluster) -> None:
+    pool = make_pool(min_size=2, max_size=2)
+    pool.wait(10)
+    lent = pool.getconn()
+    old_pid = backend_pid(lent)
+    pool.reset()
+    pool.putconn(lent)
+    assert wait_until(lambda: pool.stats()["idle"] == 2)
+    pids = {int(r.conn.info.backend_pid) for r in pool._idle}
+    assert old_pid not in pids
+    assert wait_until(lambda: admin.backend_count(pool.name) == 2)
+
+
+def test_close_with_borrowed_connections(make_pool: Factory, admin: PgCluster) -> None:
+    pool = make_pool(min_size=2, max_size=2)
+    pool.wait(10)
+    lent = pool.getconn()
+    waiter = gevent.spawn(pool.getconn, 10)
+    other = pool.getconn()
+    gevent.sleep(0.01)
+    start = time.monotonic()
+    pool.close(timeout=0.2)
+    assert time.monotonic() - start < 1
+    waiter.join(1)
+    assert isinstance(waiter.exception, PoolClosed)
+    assert admin.backend_count(pool.name) == 2  # borrowed ones are not yanked away
+    pool.putconn(lent)
+    pool.putconn(other)
+    assert lent.closed and other.closed
+    assert wait_until(lambda: admin.backend_count(pool.name) == 0)
+    with pytest.raises(PoolClosed):
+        pool.getconn()
+
+
+# ---------------------------------------------------------------- naming, config, fork
+
+
+def test_application_name_defaults_to_pool_name_and_user_value_wins(
+    make_pool: Factory, dsn: str
+) -> None:
+    pool = make_pool(min_size=1, name="gp_appname_default")
+    with pool.connection() as conn:
+        assert run_query(conn, "SHOW application_name") == [("gp_appname_default",)]
+    mine = make_pool(dsn + " application_name=mine", min_size=1, name="gp_named")
+    with mine.connection() as conn:
+        assert run_query(conn, "SHOW application_name") == [("mine",)]
+    kw = make_pool(min_size=1, name="gp_kw", kwargs={"application_name": "from_kwargs"})
+    with kw.connection() as conn:
+        assert run_query(conn, "SHOW application_name") == [("from_kwargs",)]
+
+
+def test_pool_settings_in_the_conninfo(make_pool: Factory, dsn: str) -> None:
+    pool = make_pool(dsn + " pool_max_conns=3 pool_min_conns=2 pool_max_conn_idle_time=1m30s")
+    assert (pool.min_size, pool.max_size, pool.settings.max_idle) == (2, 3, 90.0)
+    pool.wait(10)
+    assert pool.stats()["total"] == 2
+    explicit = make_pool(dsn + " pool_max_conns=3", max_size=5)
+    assert explicit.max_size == 5
+
+
+def test_pool_without_conninfo_stays_closed_until_opened(dsn: str) -> None:
+    pool = GreenPool()
+    assert pool.closed
+    with pytest.raises(PoolClosed, match="not open"):
+        pool.getconn()
+    pool.configure_conninfo(dsn)
+    pool.open(wait=True, timeout=10)
+    with pool.connection() as conn:
+        assert run_query(conn, "SELECT 1") == [(1,)]
+    pool.close()
+
+
+def test_forked_child_starts_clean_and_leaves_parent_sockets_alone(make_pool: Factory) -> None:
+    pool = make_pool(min_size=2, max_size=2)
+    pool.wait(10)
+    parent_conn = pool.getconn()
+    parent_pid = backend_pid(parent_conn)
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            assert pool.stats()["total"] == 0
+            with pool.connection(timeout=10) as conn:
+                code = 0 if backend_pid(conn) != parent_pid else 2
+            for orphan in greenpool.pool._FORK_ORPHANS:
+                orphan.close()  # what finalisers would do: must not hit the parent
+        finally:
+            os.write(write_fd, bytes([code]))
+            os._exit(code)
+    os.close(write_fd)
+    _, status = os.waitpid(child, 0)
+    assert os.read(read_fd, 1) == b"\x00", "child failed"
+    os.close(read_fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert run_query(parent_conn, "SELECT 1") == [(1,)], "the child broke a parent connection"
+    pool.putconn(parent_conn)
+    with pool.connection() as conn:
+        assert run_query(conn, "SELECT 1") == [(1,)]
