@@ -12,12 +12,11 @@ import os  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
+import psycopg  # noqa: E402
 import pytest  # noqa: E402
 
 from greenpool import GreenPool  # noqa: E402
 from tests.support.pgcluster import PgCluster  # noqa: E402
-
-import psycopg  # noqa: E402
 
 EXTERNAL_DSN = os.environ.get("GREENPOOL_TEST_DSN", "")
 
