@@ -801,21 +801,42 @@ class GreenPool:
             self._close_now(self._idle.popleft())
 
     def _health_check(self) -> int:
-        """Ping every idle connection once; return how many were replaced."""
-        failed = 0
-        for _ in range(len(self._idle)):
-            if not self._idle or self._state != _OPEN:
-                break
-            rec = self._idle.popleft()
-            self._busy += 1
-            if self._ping(rec):
+        """Ping idle connections (concurrently); return how many were replaced.
+
+        Connections used within ``check_idle_after`` are known to be alive and skipped.
+        Each ping is bounded by ``ping_timeout``, so a black-holed network delays the
+        maintenance greenlet by at most that long.
+        """
+        now = monotonic()
+        stale = [r for r in self._idle if now - r.idle_since > self.settings.check_idle_after]
+        if not stale or self._state != _OPEN:
+            return 0
+        for rec in stale:
+            self._idle.remove(rec)
+        self._busy += len(stale)
+        results = [True] * len(stale)
+        started: set[int] = set()
+
+        def ping(i: int, rec: _Conn) -> None:
+            started.add(i)
+            results[i] = self._ping(rec)
+            if results[i]:
                 self._recycle(rec, checked=True)
-            else:
-                failed += 1
-        return failed
+
+        greenlets = [gevent.spawn(ping, i, rec) for i, rec in enumerate(stale)]
+        try:
+            gevent.joinall(greenlets)
+        except BaseException:
+            gevent.killall(greenlets)  # a started ping discards its record when killed
+            for i, rec in enumerate(stale):
+                if i not in started:
+                    self._recycle(rec, checked=True)
+            raise
+        return results.count(False)
 
     def check(self) -> int:
-        """Verify every idle connection now; dead ones are replaced. Returns how many."""
+        """Verify idle connections now (those unused for ``check_idle_after``); dead ones
+        are replaced. Returns how many were."""
         self._check_open()
         return self._health_check()
 
