@@ -400,7 +400,7 @@ class GreenPool:
                 self._busy += 1
             else:
                 rec = self._wait(deadline, start)
-            if self._vet(rec):
+            if self._vet(rec, deadline):
                 break
         self._busy -= 1
         self._lent[id(rec.conn)] = rec
@@ -445,7 +445,7 @@ class GreenPool:
         self._timeout_count += 1
         raise PoolTimeout(self._timeout_message(monotonic() - start))
 
-    def _vet(self, rec: _Conn) -> bool:
+    def _vet(self, rec: _Conn, deadline: float) -> bool:
         """Check a busy record before lending it; False if it was retired instead."""
         if rec.generation != self._generation:
             self._discard(rec)
@@ -456,13 +456,14 @@ class GreenPool:
             self._discard(rec)
             return False
         if now - rec.idle_since > self.settings.check_idle_after:
-            return self._ping(rec)
+            # The borrower's own deadline bounds the ping too.
+            return self._ping(rec, max(0.001, min(self.settings.ping_timeout, deadline - now)))
         return True
 
-    def _ping(self, rec: _Conn) -> bool:
+    def _ping(self, rec: _Conn, timeout: float | None = None) -> bool:
         """Check a busy record with one round trip; a dead one is discarded (False)."""
         try:
-            with gevent.Timeout(self.settings.ping_timeout, _PingTimeout):
+            with gevent.Timeout(timeout or self.settings.ping_timeout, _PingTimeout):
                 if self._check is not None:
                     self._check(rec.conn)
                 else:
