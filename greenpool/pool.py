@@ -188,6 +188,7 @@ class GreenPool:
         self._constructing = 0
         self._closing = 0
         self._waiters: WaitQueue[_Conn] = WaitQueue()
+        self._waiting = self._waiters.queue  # the raw deque, for cheap emptiness tests
         self._connectors: set[Greenlet] = set()
         self._maintenance: Greenlet | None = None
         self._maintenance_wake = Event()
@@ -391,13 +392,20 @@ class GreenPool:
             self._check_open()
         if self._forked:
             self._restart_after_fork()
-        limit = self.settings.timeout if timeout is None else _check_timeout(timeout)
+        settings = self.settings
+        limit = settings.timeout if timeout is None else _check_timeout(timeout)
         start = monotonic()
         deadline = start + limit
         while True:
-            if self._idle and not self._waiters:
+            if self._idle and not self._waiting:
                 rec = self._idle.pop()
                 self._busy += 1
+                if (  # the common case, inline: fresh, young and of this generation
+                    start - rec.idle_since <= settings.check_idle_after
+                    and start < rec.expires_at
+                    and rec.generation == self._generation
+                ):
+                    break
             else:
                 rec = self._wait(deadline, start)
             if self._vet(rec, deadline):
@@ -499,8 +507,12 @@ class GreenPool:
             )
         self._busy += 1
         self._returns_count += 1
+        state = self._driver.state(conn)
+        if state is ConnState.IDLE and not self._reset_policy.needed:
+            self._recycle(rec)
+            return
         try:
-            state = self._clean(rec)
+            state = self._clean(rec, state)
         except BaseException:
             # Killed while cleaning (e.g. mid-rollback): its state is unknown, so discard.
             self._broken_destroy_count += 1
@@ -516,10 +528,9 @@ class GreenPool:
                 # check the idle ones now rather than at the next health-check period.
                 self._wake_maintenance(check=True)
 
-    def _clean(self, rec: _Conn) -> ConnState:
+    def _clean(self, rec: _Conn, state: ConnState) -> ConnState:
         """Bring a returned connection back to IDLE; return the state that stopped it."""
         driver = self._driver
-        state = driver.state(rec.conn)
         if state is ConnState.IN_TRANSACTION or state is ConnState.IN_ERROR:
             self._rollback_count += 1
             try:
@@ -546,11 +557,13 @@ class GreenPool:
         if (
             self._state != _OPEN
             or rec.generation != self._generation
-            or self._total() + self._closing > self.settings.max_size
+            or len(self._idle) + len(self._lent) + self._busy + self._constructing + self._closing
+            > self.settings.max_size
         ):
             self._discard(rec)
             return
-        if self._waiters.serve(rec):
+        if self._waiting:
+            self._waiters.serve(rec)
             rec.idle_since = monotonic()
             return  # stays busy until the waiter resumes
         self._busy -= 1
@@ -559,7 +572,8 @@ class GreenPool:
         else:
             rec.idle_since = monotonic()
             self._idle.append(rec)
-        self._notify_returned()
+        if self._returned_event is not None:
+            self._notify_returned()
 
     def _discard(self, rec: _Conn) -> None:
         """Close a busy record, cancelling its query on the server first if one is running."""
@@ -964,6 +978,7 @@ class GreenPool:
         self._lent.clear()
         self._busy = self._constructing = self._closing = 0
         self._waiters = WaitQueue()
+        self._waiting = self._waiters.queue
         self._connectors = set()
         self._maintenance = None
         self._maintenance_wake = Event()

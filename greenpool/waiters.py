@@ -50,43 +50,43 @@ class Waiter(Generic[T]):
 class WaitQueue(Generic[T]):
     """FIFO of live waiters; a waiter that gives up is removed at once."""
 
-    __slots__ = ("_queue",)
+    __slots__ = ("queue",)
 
     def __init__(self) -> None:
-        self._queue: deque[Waiter[T]] = deque()
+        self.queue: deque[Waiter[T]] = deque()
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self.queue)
 
     def __bool__(self) -> bool:
-        return bool(self._queue)
+        return bool(self.queue)
 
     def __iter__(self) -> Iterator[Waiter[T]]:
-        return iter(self._queue)
+        return iter(self.queue)
 
     def push(self) -> Waiter[T]:
         waiter: Waiter[T] = Waiter()
-        self._queue.append(waiter)
+        self.queue.append(waiter)
         return waiter
 
     def serve(self, item: T) -> bool:
         """Hand ``item`` to the oldest waiter; False when nobody is waiting."""
-        if not self._queue:
+        if not self.queue:
             return False
-        waiter = self._queue.popleft()
+        waiter = self.queue.popleft()
         waiter.item = item
         waiter.wake()
         return True
 
     def discard(self, waiter: Waiter[T]) -> None:
         with contextlib.suppress(ValueError):
-            self._queue.remove(waiter)
+            self.queue.remove(waiter)
 
     def fail_all(self, error: BaseException) -> int:
         """Wake every waiter with ``error``; return how many there were."""
-        count = len(self._queue)
-        while self._queue:
-            waiter = self._queue.popleft()
+        count = len(self.queue)
+        while self.queue:
+            waiter = self.queue.popleft()
             waiter.error = error
             waiter.wake()
         return count

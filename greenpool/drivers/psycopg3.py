@@ -90,8 +90,7 @@ class Psycopg3Driver:
             return self._psycopg.Connection.connect(conninfo, **kwargs)
 
     def state(self, conn: Any) -> ConnState:
-        if conn.closed or conn.broken:
-            return ConnState.BROKEN
+        # libpq reports UNKNOWN for a closed or broken connection: no need to ask more.
         return self._status.get(conn.pgconn.transaction_status, ConnState.BROKEN)
 
     def ping(self, conn: Any) -> None:
