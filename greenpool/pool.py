@@ -229,7 +229,14 @@ class GreenPool:
 
     def _set_conninfo(self, conninfo: str) -> None:
         parsed = _ci.split_conninfo(conninfo)
-        self.settings: PoolSettings = build_settings(self._explicit, parsed.pool_settings)
+        from_conninfo = dict(parsed.pool_settings)
+        timeout_param = parsed.params.get("connect_timeout") or self._kwargs.get("connect_timeout")
+        if timeout_param is not None:
+            # libpq ignores connect_timeout in async mode; the pool enforces it instead.
+            from_conninfo["connect_timeout"] = _ci.parse_duration(
+                str(timeout_param), name="connect_timeout"
+            )
+        self.settings: PoolSettings = build_settings(self._explicit, from_conninfo)
         if parsed.conninfo:
             self._driver.validate_conninfo(parsed.conninfo)
         self._conninfo = parsed.conninfo

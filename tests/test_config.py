@@ -87,3 +87,12 @@ def test_password_never_in_repr_or_errors() -> None:
     kw = GreenPool("host=127.0.0.1", kwargs={"password": secret}, open=False)
     assert secret not in repr(kw)
     assert Redactor([secret])(f"failed for {secret}!") == "failed for ********!"
+
+
+def test_connect_timeout_from_the_conninfo_is_enforced_by_the_pool() -> None:
+    pool = GreenPool("host=127.0.0.1 connect_timeout=3", open=False)
+    assert pool.settings.connect_timeout == 3.0
+    explicit = GreenPool("host=127.0.0.1 connect_timeout=3", connect_timeout=1, open=False)
+    assert explicit.settings.connect_timeout == 1.0
+    with pytest.raises(ValueError, match="connect_timeout"):
+        GreenPool("host=127.0.0.1 connect_timeout=soon", open=False)

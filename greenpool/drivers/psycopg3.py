@@ -31,6 +31,13 @@ class Psycopg3Driver:
         import psycopg
         from psycopg.pq import TransactionStatus
 
+        version = tuple(int(p) for p in psycopg.__version__.split(".")[:2] if p.isdigit())
+        if version < (3, 2):
+            raise ValueError(
+                f"driver: psycopg {psycopg.__version__} cannot cooperate with gevent "
+                "reliably; greenpool needs psycopg >= 3.2"
+            )
+
         self._psycopg = psycopg
         self._status = {
             TransactionStatus.IDLE: ConnState.IDLE,
