@@ -1,0 +1,301 @@
+"""Reading and validating the ``GREENPOOL_*`` keys of a Flask ``app.config``.
+
+Everything is checked when ``init_app`` runs, without connecting and without importing a
+database driver (so ``--preload`` never imports psycopg before gevent patches): unknown
+keys, wrong types, out-of-range sizes and unparsable conninfos raise :class:`ConfigError`
+naming the offending key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from greenpool import conninfo as _ci
+from greenpool.reset import get_reset_policy
+from greenpool.settings import PoolSettings, build_settings
+
+PREFIX = "GREENPOOL_"
+DEFAULT = "default"  # display name of the database configured at the top level
+KNOWN_DRIVERS = ("psycopg", "psycopg3", "psycopg2")
+
+_HINTS = typing.get_type_hints(PoolSettings)
+#: Pool settings (PoolSettings fields) and whether each is a whole number.
+POOL_SETTINGS: dict[str, bool] = {f.name: _HINTS[f.name] is int for f in fields(PoolSettings)}
+#: Per-database keys besides the numeric pool settings.
+DATABASE_KEYS = ("conninfo", "kwargs", "driver", "name", "configure", "check", "reset")
+DATABASE_CALLBACKS = ("configure", "check", "reconnect_failed")
+#: Keys a bind inherits from the top level when it does not set them itself.
+INHERITED = (*POOL_SETTINGS, "driver", "configure", "check", "reset", "reconnect_failed")
+#: Keys that only make sense at the top level.
+EXTENSION_KEYS = (
+    "binds",
+    "commit_on_teardown",
+    "require_cooperation",
+    "retry_after",
+    "handle_exhaustion",
+)
+_TOP_LEVEL = (*POOL_SETTINGS, *DATABASE_KEYS, "reconnect_failed", *EXTENSION_KEYS)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """The Flask configuration of greenpool is invalid; the message names the key."""
+
+
+@dataclass
+class DatabaseConfig:
+    """Everything needed to build one core pool, validated."""
+
+    key: str | None  # None for the default database, else the bind name
+    conninfo: str
+    pool_name: str
+    driver: str = "psycopg"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # explicit pool settings
+    configure: Callable[[Any], None] | None = None
+    check: Callable[[Any], None] | None = None
+    reset: Callable[[Any], None] | str | None = None
+    reconnect_failed: Callable[[Any], None] | None = None
+
+    @property
+    def label(self) -> str:
+        """``default`` or the bind name."""
+        return self.key or DEFAULT
+
+    def pool_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`greenpool.GreenPool` (never opened here)."""
+        return {
+            **self.settings,
+            "driver": self.driver,
+            "name": self.pool_name,
+            "kwargs": self.kwargs,
+            "configure": self.configure,
+            "check": self.check,
+            "reset": self.reset,
+            "reconnect_failed": self.reconnect_failed,
+            "open": False,
+        }
+
+    def effective_settings(self) -> PoolSettings:
+        """The pool settings after merging those embedded in the conninfo."""
+        return build_settings(self.settings, _ci.split_conninfo(self.conninfo).pool_settings)
+
+    def describe(self) -> str:
+        """Host, port, database and user: never the password."""
+        parsed = _ci.split_conninfo(self.conninfo)
+        return _ci.describe(
+            parsed.params, {k: v for k, v in self.kwargs.items() if k != "password"}
+        )
+
+
+@dataclass
+class ExtensionOptions:
+    """Request-level behaviour of the extension."""
+
+    commit_on_teardown: bool = True
+    require_cooperation: bool | None = None  # None: "auto", see docs/flask.md
+    retry_after: int = 1
+    handle_exhaustion: bool = True
+
+
+@dataclass
+class ParsedConfig:
+    """The validated configuration of one app."""
+
+    databases: dict[str | None, DatabaseConfig]
+    options: ExtensionOptions
+
+
+# ---------------------------------------------------------------------------- coercion
+
+
+def _as_int(label: str, value: Any) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{label}: expected a whole number, got {value!r}")
+    return value
+
+
+def _as_seconds(label: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            return _ci.parse_duration(value, name=label)
+        except ValueError as ex:
+            raise ConfigError(str(ex)) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{label}: expected seconds or a duration like '30s', got {value!r}")
+    return float(value)
+
+
+def _as_bool(label: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"{label}: expected true or false, got {value!r}")
+
+
+def _as_tristate(label: str, value: Any) -> bool | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return None
+    return _as_bool(label, value)
+
+
+def _unknown(label: str, key: str, known: tuple[str, ...]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"{label}: unknown greenpool setting{hint}")
+
+
+# ---------------------------------------------------------------------------- databases
+
+
+class _Labels:
+    """How keys of one database are called in error messages."""
+
+    def __init__(self, bind: str | None) -> None:
+        self.bind = bind
+
+    def __call__(self, key: str) -> str:
+        if self.bind is None:
+            return PREFIX + key.upper()
+        return f"{PREFIX}BINDS[{self.bind!r}][{key!r}]"
+
+
+def _database(
+    key: str | None, raw: Mapping[str, Any], pool_name: str, labels: _Labels
+) -> DatabaseConfig:
+    conninfo = raw.get("conninfo")
+    if not isinstance(conninfo, str):
+        raise ConfigError(
+            f"{labels('conninfo')}: expected a connection string, got {type(conninfo).__name__}"
+        )
+    try:
+        parsed = _ci.split_conninfo(conninfo)
+    except ValueError as ex:
+        raise ConfigError(f"{labels('conninfo')}: {ex}") from None
+    settings: dict[str, Any] = {}
+    for name, is_int in POOL_SETTINGS.items():
+        value = raw.get(name)
+        if value is not None:
+            convert = _as_int if is_int else _as_seconds
+            settings[name] = convert(labels(name), value)
+    try:
+        build_settings(settings, parsed.pool_settings)
+    except ValueError as ex:
+        name, _, rest = str(ex).partition(": ")
+        where = labels(name) if name in settings else f"{labels('conninfo')} ({name})"
+        raise ConfigError(f"{where}: {rest or ex}") from None
+    driver = raw.get("driver") or "psycopg"
+    if driver not in KNOWN_DRIVERS and not hasattr(driver, "connect"):
+        raise ConfigError(
+            f"{labels('driver')}: unknown driver {driver!r} (use 'psycopg' or 'psycopg2')"
+        )
+    kwargs = raw.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError(f"{labels('kwargs')}: expected a dict of connect() keyword arguments")
+    for name in DATABASE_CALLBACKS:
+        value = raw.get(name)
+        if value is not None and not callable(value):
+            raise ConfigError(f"{labels(name)}: expected a callable, got {value!r}")
+    try:
+        get_reset_policy(raw.get("reset"))
+    except ValueError as ex:
+        raise ConfigError(f"{labels('reset')}: {str(ex).partition(': ')[2] or ex}") from None
+    name = raw.get("name") or pool_name
+    if not isinstance(name, str):
+        raise ConfigError(f"{labels('name')}: expected a string, got {name!r}")
+    return DatabaseConfig(
+        key=key,
+        conninfo=conninfo,
+        pool_name=name,
+        driver=driver,
+        kwargs=dict(kwargs),
+        settings=settings,
+        configure=raw.get("configure"),
+        check=raw.get("check"),
+        reset=raw.get("reset"),
+        reconnect_failed=raw.get("reconnect_failed"),
+    )
+
+
+def _binds(value: Any, top: Mapping[str, Any], base_name: str) -> dict[str | None, DatabaseConfig]:
+    label = PREFIX + "BINDS"
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{label}: expected a dict of name -> settings, got {value!r}")
+    result: dict[str | None, DatabaseConfig] = {}
+    known = (*POOL_SETTINGS, *DATABASE_KEYS, "reconnect_failed")
+    for bind, spec in value.items():
+        if not isinstance(bind, str) or not bind or bind == DEFAULT:
+            raise ConfigError(f"{label}: {bind!r} is not a usable bind name")
+        labels = _Labels(bind)
+        if isinstance(spec, str):
+            spec = {"conninfo": spec}
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{label}[{bind!r}]: expected a dict of settings or a conninfo")
+        for key in spec:
+            if key not in known:
+                raise _unknown(labels(key), str(key), known)
+        if "conninfo" not in spec:
+            raise ConfigError(f"{labels('conninfo')}: every bind needs a conninfo")
+        merged = {k: top[k] for k in INHERITED if top.get(k) is not None}
+        merged.update({k: v for k, v in spec.items() if v is not None})
+        result[bind] = _database(bind, merged, f"{base_name}-{bind}", labels)
+    return result
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def parse_config(config: Mapping[str, Any], app_name: str) -> ParsedConfig:
+    """Validate ``app.config`` and return the databases and options it configures."""
+    top: dict[str, Any] = {}
+    for full_key, value in config.items():
+        if not isinstance(full_key, str) or not full_key.startswith(PREFIX):
+            continue
+        key = full_key[len(PREFIX) :].lower()
+        if key not in _TOP_LEVEL:
+            known = tuple(PREFIX + k.upper() for k in _TOP_LEVEL)
+            raise _unknown(full_key, full_key, known)
+        top[key] = value
+
+    options = ExtensionOptions()
+    if "commit_on_teardown" in top:
+        options.commit_on_teardown = _as_bool(
+            PREFIX + "COMMIT_ON_TEARDOWN", top["commit_on_teardown"]
+        )
+    if "handle_exhaustion" in top:
+        options.handle_exhaustion = _as_bool(PREFIX + "HANDLE_EXHAUSTION", top["handle_exhaustion"])
+    if "require_cooperation" in top:
+        options.require_cooperation = _as_tristate(
+            PREFIX + "REQUIRE_COOPERATION", top["require_cooperation"]
+        )
+    if top.get("retry_after") is not None:
+        options.retry_after = _as_int(PREFIX + "RETRY_AFTER", top["retry_after"])
+        if options.retry_after < 0:
+            raise ConfigError(f"{PREFIX}RETRY_AFTER: must not be negative")
+
+    base_name = top.get("name") or app_name
+    databases: dict[str | None, DatabaseConfig] = {}
+    conninfo = top.get("conninfo")
+    if conninfo is None:
+        conninfo = config.get("DATABASE_URL")
+    if conninfo is not None:
+        raw = {**top, "conninfo": conninfo}
+        databases[None] = _database(None, raw, base_name, _Labels(None))
+    if top.get("binds"):
+        databases.update(_binds(top["binds"], top, base_name))
+    if not databases:
+        raise ConfigError(
+            f"{PREFIX}CONNINFO: no database configured; set {PREFIX}CONNINFO or DATABASE_URL "
+            "(an empty string uses libpq's PG* environment variables) or "
+            f"{PREFIX}BINDS"
+        )
+    return ParsedConfig(databases, options)
