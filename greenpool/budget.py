@@ -1,0 +1,224 @@
+"""Connection budget: will every pool of every worker of every instance fit the server?
+
+Each gunicorn worker has its own pool, so at peak the server sees
+``instances x workers x max_size`` connections from the app, plus whatever else connects
+(migrations, cron jobs, psql, monitoring). Ordinary roles may use ``max_connections``
+minus ``superuser_reserved_connections`` minus (PostgreSQL 16+) ``reserved_connections``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from greenpool import conninfo as _ci
+
+LIMITS_SQL = (
+    "SELECT current_setting('server_version'), "
+    "current_setting('max_connections')::int, "
+    "current_setting('superuser_reserved_connections')::int, "
+    "coalesce(current_setting('reserved_connections', true)::int, 0), "
+    "(SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int"
+)
+
+
+class BudgetError(Exception):
+    """The server's limits could not be read (the message holds no secret)."""
+
+
+@dataclass
+class ServerLimits:
+    """The connection limits of one PostgreSQL server."""
+
+    max_connections: int
+    superuser_reserved_connections: int = 3
+    reserved_connections: int = 0
+    server_version: str | None = None
+    client_connections: int | None = None  # open right now, the asking one included
+    target: str | None = None  # host/port/dbname/user, never a password
+
+    @property
+    def available(self) -> int:
+        """Connections ordinary (non-superuser) roles may open."""
+        return (
+            self.max_connections - self.superuser_reserved_connections - self.reserved_connections
+        )
+
+
+@dataclass
+class Budget:
+    """The app's peak demand against a server's limits."""
+
+    instances: int
+    workers: int
+    max_size: int
+    reserved: int
+    limits: ServerLimits
+
+    @property
+    def app_connections(self) -> int:
+        """Connections the app can open at peak."""
+        return self.instances * self.workers * self.max_size
+
+    @property
+    def needed(self) -> int:
+        """App connections plus those kept for other clients."""
+        return self.app_connections + self.reserved
+
+    @property
+    def spare(self) -> int:
+        """Connections left over at peak (negative: over budget)."""
+        return self.limits.available - self.needed
+
+    @property
+    def fits(self) -> bool:
+        """Whether the peak demand fits."""
+        return self.spare >= 0
+
+    def max_size_that_fits(self) -> int:
+        """The largest per-worker max_size that would fit (0 if none)."""
+        per_size = self.instances * self.workers
+        return max(0, (self.limits.available - self.reserved) // per_size)
+
+    def explain(self) -> str:
+        """The verdict with its arithmetic, for people."""
+        lim = self.limits
+        width = 48
+        lines = []
+        if lim.server_version or lim.target:
+            lines.append(f"PostgreSQL {lim.server_version or '?'} ({lim.target or 'given limits'})")
+        lines += [
+            f"  {'max_connections':<{width}}{lim.max_connections:>6}",
+            f"- {'superuser_reserved_connections':<{width}}{lim.superuser_reserved_connections:>6}",
+            f"- {'reserved_connections':<{width}}{lim.reserved_connections:>6}",
+            f"= {'available to ordinary roles':<{width}}{lim.available:>6}",
+            "",
+            f"  {self._product():<{width}}{self.app_connections:>6}",
+            f"+ {'reserved for other clients (--reserved)':<{width}}{self.reserved:>6}",
+            f"= {'needed at peak':<{width}}{self.needed:>6}",
+            "",
+        ]
+        if self.fits:
+            lines.append(
+                f"yes: {self.needed} <= {lim.available}, {self.spare} connection(s) to spare"
+            )
+        else:
+            lines.append(
+                f"no: {self.needed} > {lim.available}, {-self.spare} connection(s) short; "
+                f"max_size {self.max_size_that_fits()} would fit, or put PgBouncer in front"
+            )
+        if lim.client_connections is not None:
+            lines.append(f"(right now {lim.client_connections} client connection(s) are open)")
+        return "\n".join(lines)
+
+    def _product(self) -> str:
+        return f"{self.instances} instance(s) x {self.workers} worker(s) x {self.max_size} max_size"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The verdict and its inputs, for machines."""
+        return {
+            "fits": self.fits,
+            "needed": self.needed,
+            "available": self.limits.available,
+            "spare": self.spare,
+            "app_connections": self.app_connections,
+            "max_size_that_fits": self.max_size_that_fits(),
+            "instances": self.instances,
+            "workers": self.workers,
+            "max_size": self.max_size,
+            "reserved": self.reserved,
+            "limits": {**asdict(self.limits), "available": self.limits.available},
+        }
+
+
+def fetch_limits(conninfo: str, timeout: float = 10.0) -> ServerLimits:
+    """Read the connection limits of the server ``conninfo`` points at.
+
+    Raises BudgetError, with any password masked, when it cannot connect.
+    """
+    try:
+        parsed = _ci.split_conninfo(conninfo)
+    except ValueError as ex:
+        raise BudgetError(str(ex)) from None
+    redact = _ci.Redactor(_ci.secrets_of(parsed.params, {}))
+    import psycopg
+
+    try:
+        with psycopg.connect(
+            parsed.conninfo,
+            connect_timeout=max(1, round(timeout)),
+            application_name="greenpool-budget",
+            autocommit=True,
+        ) as conn:
+            row = conn.execute(LIMITS_SQL).fetchone()
+    except psycopg.Error as ex:
+        text = str(ex).strip().replace("\n", " ")
+        raise BudgetError(redact(f"cannot read the server's limits: {text}")) from None
+    assert row is not None
+    return ServerLimits(
+        max_connections=row[1],
+        superuser_reserved_connections=row[2],
+        reserved_connections=row[3],
+        server_version=row[0],
+        client_connections=row[4],
+        target=_ci.describe(parsed.params, {}),
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``greenpool budget``."""
+    parser.add_argument(
+        "--conninfo", help="server to ask (default: $DATABASE_URL, then libpq's PG* variables)"
+    )
+    parser.add_argument("--workers", type=_positive, required=True, help="workers per instance")
+    parser.add_argument("--max-size", type=_positive, required=True, help="pool max_size")
+    parser.add_argument("--instances", type=_positive, default=1, help="app instances (hosts)")
+    parser.add_argument(
+        "--reserved",
+        type=_non_negative,
+        default=0,
+        help="connections to keep for other clients (migrations, cron, psql, monitoring)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive,
+        help="do not connect: use this max_connections (with --superuser-reserved)",
+    )
+    parser.add_argument("--superuser-reserved", type=_non_negative, default=3)
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to connect")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
+    """``greenpool budget``: print the verdict; 0 if it fits, 1 if not, 2 on error."""
+    if args.max_connections is not None:
+        limits = ServerLimits(args.max_connections, args.superuser_reserved)
+    else:
+        conninfo = args.conninfo if args.conninfo is not None else environ.get("DATABASE_URL", "")
+        try:
+            limits = fetch_limits(conninfo, args.timeout)
+        except BudgetError as ex:
+            print(f"greenpool budget: {ex}")
+            return 2
+    budget = Budget(args.instances, args.workers, args.max_size, args.reserved, limits)
+    if args.json:
+        print(json.dumps(budget.as_dict(), indent=2))
+    else:
+        print(budget.explain())
+    return 0 if budget.fits else 1

@@ -1,0 +1,107 @@
+"""``greenpool budget``: the arithmetic, and the limits read from the real server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from greenpool.budget import Budget, ServerLimits, fetch_limits
+from greenpool.cli import main
+from tests.support.pgcluster import PW_USER, PgCluster
+
+
+def test_arithmetic() -> None:
+    limits = ServerLimits(max_connections=100, superuser_reserved_connections=3)
+    fits = Budget(instances=2, workers=4, max_size=10, reserved=5, limits=limits)
+    assert (limits.available, fits.app_connections, fits.needed) == (97, 80, 85)
+    assert fits.fits and fits.spare == 12
+    assert "yes: 85 <= 97, 12 connection(s) to spare" in fits.explain()
+
+    over = Budget(instances=2, workers=8, max_size=10, reserved=5, limits=limits)
+    assert not over.fits and over.spare == -68
+    assert over.max_size_that_fits() == 5  # (97 - 5) // 16
+    assert "no: 165 > 97, 68 connection(s) short; max_size 5 would fit" in over.explain()
+
+
+def test_pg16_reserved_connections_count() -> None:
+    limits = ServerLimits(100, superuser_reserved_connections=3, reserved_connections=7)
+    assert limits.available == 90
+    assert Budget(1, 9, 10, 0, limits).fits
+    assert not Budget(1, 9, 10, 1, limits).fits
+
+
+def test_fetch_limits_from_the_server(dsn: str, pg_cluster: PgCluster | None) -> None:
+    limits = fetch_limits(dsn)
+    assert limits.max_connections >= 1
+    assert limits.superuser_reserved_connections >= 0
+    assert limits.server_version
+    assert limits.client_connections is not None and limits.client_connections >= 1
+    if pg_cluster is not None:
+        assert limits.max_connections == 100  # PgCluster's default
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(["budget", *argv])
+    return code, capsys.readouterr().out
+
+
+def test_cli_yes_and_no_against_the_server(dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+    available = fetch_limits(dsn).available
+    code, out = _run(capsys, "--conninfo", dsn, "--workers", "1", "--max-size", "1")
+    assert code == 0
+    assert any(
+        line.startswith("= available to ordinary roles") and line.split()[-1] == str(available)
+        for line in out.splitlines()
+    )
+    assert "yes:" in out and "max_connections" in out
+
+    too_many = str(available + 1)
+    code, out = _run(
+        capsys, "--conninfo", dsn, "--workers", too_many, "--max-size", "1", "--reserved", "0"
+    )
+    assert code == 1
+    assert f"no: {too_many} > {available}" in out
+
+    code, out = _run(
+        capsys, "--conninfo", dsn, "--workers", "2", "--max-size", "3", "--instances", "2", "--json"
+    )
+    assert code == 0
+    data = json.loads(out)
+    assert data["needed"] == 12 and data["available"] == available and data["fits"] is True
+
+
+def test_cli_uses_database_url(
+    dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    code, out = _run(capsys, "--workers", "1", "--max-size", "2")
+    assert code == 0 and "PostgreSQL" in out
+
+
+def test_cli_offline(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _run(
+        capsys, "--max-connections", "50", "--workers", "4", "--max-size", "12", "--reserved", "2"
+    )
+    assert code == 1
+    assert "no: 50 > 47" in out
+
+
+def test_cli_connection_error_hides_the_password(
+    pg_cluster: PgCluster | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if pg_cluster is None:
+        pytest.skip("needs the private cluster's password roles")
+    secret = "wrong-secret-77"
+    url = f"postgresql://{PW_USER}:{secret}@127.0.0.1:{pg_cluster.port}/postgres"
+    code, out = _run(capsys, "--conninfo", url, "--workers", "1", "--max-size", "1")
+    assert code == 2
+    assert "cannot read the server's limits" in out
+    assert secret not in out
+
+
+def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["budget", "--workers", "0", "--max-size", "1", "--max-connections", "10"])
+    assert info.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
