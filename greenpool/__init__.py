@@ -11,7 +11,7 @@ from greenpool.errors import (
     PoolTimeout,
     TooManyRequests,
 )
-from greenpool.pool import GreenPool
+from greenpool.pool import GreenPool, close_all
 
 __version__ = "0.1.0"
 
@@ -24,5 +24,6 @@ __all__ = [
     "PoolTimeout",
     "TooManyRequests",
     "check_cooperation",
+    "close_all",
     "cooperation_problems",
 ]

@@ -205,6 +205,7 @@ class GreenPool:
 
         # Counters for stats().
         self._acquire_count = 0
+        self._peak_acquired = 0
         self._empty_acquire_count = 0
         self._canceled_acquire_count = 0
         self._timeout_count = 0
@@ -418,8 +419,11 @@ class GreenPool:
             if self._vet(rec, deadline):
                 break
         self._busy -= 1
-        self._lent[id(rec.conn)] = rec
+        lent = self._lent
+        lent[id(rec.conn)] = rec
         self._acquire_count += 1
+        if len(lent) > self._peak_acquired:
+            self._peak_acquired = len(lent)
         return rec.conn
 
     def _wait(self, deadline: float, start: float) -> _Conn:
@@ -956,6 +960,7 @@ class GreenPool:
             "constructing": self._constructing,
             "closing": self._closing,
             "waiting": len(self._waiters),
+            "peak_acquired": self._peak_acquired,
             "acquire_count": self._acquire_count,
             "empty_acquire_count": self._empty_acquire_count,
             "canceled_acquire_count": self._canceled_acquire_count,
@@ -1034,6 +1039,13 @@ def _orphan(conn: Any) -> None:
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
+
+
+def close_all(timeout: float = 5.0) -> None:
+    """Close every open pool of this process (e.g. from gunicorn's ``worker_exit``)."""
+    for pool in list(_POOLS):
+        if not pool.closed:
+            pool.close(timeout)
 
 
 def _after_fork_in_child() -> None:

@@ -147,3 +147,16 @@ def test_bad_timeouts_are_refused() -> None:
             pool.getconn(timeout=bad)  # type: ignore[arg-type]
     assert pool.stats()["acquired"] == 0
     pool.close()
+
+
+def test_peak_acquired_and_close_all() -> None:
+    import greenpool
+
+    pool, driver = make(max_size=3)
+    conns = [pool.getconn() for _ in range(3)]
+    for conn in conns:
+        pool.putconn(conn)
+    pool.putconn(pool.getconn())
+    assert pool.stats()["peak_acquired"] == 3
+    greenpool.close_all(timeout=0)
+    assert pool.closed and driver.open_conns() == []
