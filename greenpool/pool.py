@@ -190,6 +190,7 @@ class GreenPool:
         self._waiters: WaitQueue[_Conn] = WaitQueue()
         self._waiting = self._waiters.queue  # the raw deque, for cheap emptiness tests
         self._connectors: set[Greenlet] = set()
+        self._checkers: set[Greenlet] = set()  # checkout pings a borrower stopped waiting for
         self._maintenance: Greenlet | None = None
         self._maintenance_wake = Event()
         self._check_soon = False
@@ -201,6 +202,7 @@ class GreenPool:
         self._failing_since: float | None = None
         self._backoff = 0.0
         self._last_error: str | None = None
+        self._last_exception: BaseException | None = None
         self._reconnect_reported = False
 
         # Counters for stats().
@@ -237,9 +239,10 @@ class GreenPool:
             from_conninfo["connect_timeout"] = _ci.parse_duration(
                 str(timeout_param), name="connect_timeout"
             )
-        self.settings: PoolSettings = build_settings(self._explicit, from_conninfo)
+        settings = build_settings(self._explicit, from_conninfo)
         if parsed.conninfo:
             self._driver.validate_conninfo(parsed.conninfo)
+        self.settings: PoolSettings = settings  # only once everything was accepted
         self._conninfo = parsed.conninfo
         self._params = parsed.params
         self._redact = _ci.Redactor(_ci.secrets_of(parsed.params, self._kwargs))
@@ -327,7 +330,7 @@ class GreenPool:
                     raise ConnectError(
                         f"pool {self.name!r} could not connect ({self._description}): "
                         f"{self._last_error}"
-                    )
+                    ) from self._last_exception
                 remaining = deadline - monotonic()
                 if remaining <= 0:
                     raise PoolTimeout(
@@ -351,7 +354,11 @@ class GreenPool:
             return
         self._state = _CLOSED
         current = getcurrent()
-        to_kill = [g for g in (*self._connectors, self._maintenance) if g and g is not current]
+        to_kill = [
+            g
+            for g in (*self._connectors, *self._checkers, self._maintenance)
+            if g and g is not current
+        ]
         gevent.killall(to_kill, block=False)
         self._waiters.fail_all(PoolClosed(f"pool {self.name!r} was closed"))
         self._notify_outcome()
@@ -416,8 +423,12 @@ class GreenPool:
                     break
             else:
                 rec = self._wait(deadline, start)
-            if self._vet(rec, deadline):
+            vetted = self._vet(rec, deadline)
+            if vetted:
                 break
+            if vetted is None or monotonic() >= deadline:
+                self._timeout_count += 1
+                raise PoolTimeout(self._timeout_message(monotonic() - start))
         self._busy -= 1
         lent = self._lent
         lent[id(rec.conn)] = rec
@@ -464,8 +475,9 @@ class GreenPool:
         self._timeout_count += 1
         raise PoolTimeout(self._timeout_message(monotonic() - start))
 
-    def _vet(self, rec: _Conn, deadline: float) -> bool:
-        """Check a busy record before lending it; False if it was retired instead."""
+    def _vet(self, rec: _Conn, deadline: float) -> bool | None:
+        """Check a busy record before lending it; False if it was retired instead, None
+        if the borrower's deadline came first (the record then goes back to the pool)."""
         if rec.generation != self._generation:
             self._discard(rec)
             return False
@@ -475,9 +487,48 @@ class GreenPool:
             self._discard(rec)
             return False
         if now - rec.idle_since > self.settings.check_idle_after:
-            # The borrower's own deadline bounds the ping too.
-            return self._ping(rec, max(0.001, min(self.settings.ping_timeout, deadline - now)))
+            if deadline - now >= self.settings.ping_timeout:
+                return self._ping(rec)
+            return self._ping_within(rec, deadline - now)
         return True
+
+    def _ping_within(self, rec: _Conn, budget: float) -> bool | None:
+        """Ping with the full ping_timeout, but stop waiting after ``budget`` seconds.
+
+        A ping cut short by the borrower's deadline says nothing about the connection: the
+        check finishes in its own greenlet, which puts a live connection back (or discards
+        a dead one), and the borrower gets None (its PoolTimeout).
+        """
+        borrower_waiting = True
+
+        def check() -> bool:
+            ok = self._ping(rec)  # discards a dead one
+            if ok and not borrower_waiting:
+                self._recycle(rec, checked=True)
+            return ok
+
+        checker = gevent.spawn(check)
+        try:
+            checker.join(max(0.0, budget))
+        except BaseException:
+            # Killed or timed out by its caller: the check goes on without the borrower,
+            # or, if it passed at this very moment, the connection goes back now.
+            borrower_waiting = False
+            if not checker.ready():
+                self._track_checker(checker)
+            elif checker.value:
+                self._recycle(rec, checked=True)
+            raise
+        if not checker.ready():
+            borrower_waiting = False
+            self._track_checker(checker)
+            return None
+        return bool(checker.value)
+
+    def _track_checker(self, checker: Greenlet) -> None:
+        """close() kills it (a killed ping discards its connection)."""
+        self._checkers.add(checker)
+        checker.link(self._checkers.discard)
 
     def _ping(self, rec: _Conn, timeout: float | None = None) -> bool:
         """Check a busy record with one round trip; a dead one is discarded (False)."""
@@ -730,6 +781,7 @@ class GreenPool:
 
     def _note_connect_failure(self, ex: BaseException) -> None:
         self._connect_errors += 1
+        self._last_exception = ex.with_traceback(None)  # no frames kept alive
         self._last_error = self._redact(_describe_error(ex))
         now = monotonic()
         if self._failing_since is None:
@@ -868,6 +920,8 @@ class GreenPool:
 
     def resize(self, min_size: int, max_size: int | None = None) -> None:
         """Change the pool's size limits; surplus idle connections are closed now."""
+        if self._state == _CLOSED:
+            raise PoolClosed(f"pool {self.name!r} is closed")
         new = PoolSettings(**{**self.settings.__dict__})
         new.min_size = min_size
         new.max_size = max_size if max_size is not None else max(min_size, new.max_size)
@@ -992,6 +1046,7 @@ class GreenPool:
         self._waiters = WaitQueue()
         self._waiting = self._waiters.queue
         self._connectors = set()
+        self._checkers = set()
         self._maintenance = None
         self._maintenance_wake = Event()
         self._outcome_events = []

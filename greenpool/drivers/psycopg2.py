@@ -114,9 +114,7 @@ class Psycopg2Driver:
                 conn.autocommit = was
 
     def cancel(self, conn: Any, timeout: float) -> None:
-        # PQcancel opens a socket and blocks: run it in gevent's thread pool.
-        with gevent.Timeout(timeout, TimeoutError("cancel timed out")):
-            gevent.get_hub().threadpool.apply(conn.cancel)
+        _cancel_cooperatively(conn, timeout)
 
     def close(self, conn: Any) -> None:
         with contextlib.suppress(Exception):
@@ -137,13 +135,81 @@ def _make_cancelling_callback(wait: Any) -> Any:
         try:
             wait(conn, timeout)
         except BaseException:
-            # PQcancel opens a socket and blocks: run it in a thread, bounded.
-            try:
-                with gevent.Timeout(2.0):
-                    gevent.get_hub().threadpool.apply(conn.cancel)
-            except BaseException:
-                pass
+            with contextlib.suppress(BaseException):
+                _cancel_cooperatively(conn, 2.0)
             raise
 
     greenpool_wait_callback.greenpool = True  # type: ignore[attr-defined]
     return greenpool_wait_callback
+
+
+# psycopg2's conn.cancel() runs the blocking PQcancel() *holding the GIL*: in a thread it
+# still stops every greenlet (and forever on a black-holed network). libpq >= 17 has a
+# non-blocking cancel API; call it through ctypes on the libpq psycopg2 itself loaded
+# (ctypes releases the GIL, and each step only polls) and wait with gevent.
+_PGRES_POLLING_FAILED, _PGRES_POLLING_READING, _PGRES_POLLING_WRITING, _PGRES_POLLING_OK = (
+    0,
+    1,
+    2,
+    3,
+)
+_libpq: Any = None
+
+
+def _psycopg2_libpq() -> Any:
+    global _libpq
+    if _libpq is None:
+        import ctypes
+
+        import psycopg2._psycopg  # noqa: F401  (loads libpq)
+
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libpq" in line and "/" in line}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path)
+            if hasattr(lib, "PQcancelCreate"):
+                for name, res, args in (
+                    ("PQcancelCreate", ctypes.c_void_p, [ctypes.c_void_p]),
+                    ("PQcancelStart", ctypes.c_int, [ctypes.c_void_p]),
+                    ("PQcancelPoll", ctypes.c_int, [ctypes.c_void_p]),
+                    ("PQcancelSocket", ctypes.c_int, [ctypes.c_void_p]),
+                    ("PQcancelErrorMessage", ctypes.c_char_p, [ctypes.c_void_p]),
+                    ("PQcancelFinish", None, [ctypes.c_void_p]),
+                ):
+                    getattr(lib, name).restype = res
+                    getattr(lib, name).argtypes = args
+                _libpq = lib
+                break
+        else:
+            _libpq = False
+    return _libpq
+
+
+def _cancel_cooperatively(conn: Any, timeout: float) -> None:
+    """Ask the server to cancel conn's query without blocking the hub; bounded."""
+    from gevent.socket import wait_read, wait_write
+
+    lib = _psycopg2_libpq()
+    if not lib:
+        raise RuntimeError("cancel needs libpq >= 17 (psycopg2-binary >= 2.9.10)")
+    cancel_conn = lib.PQcancelCreate(conn.pgconn_ptr)
+    if not cancel_conn:
+        raise MemoryError("PQcancelCreate failed")
+    try:
+        with gevent.Timeout(timeout, TimeoutError(f"cancel timed out after {timeout:g} s")):
+            if not lib.PQcancelStart(cancel_conn):
+                raise RuntimeError((lib.PQcancelErrorMessage(cancel_conn) or b"").decode())
+            while True:
+                status = lib.PQcancelPoll(cancel_conn)
+                if status == _PGRES_POLLING_OK:
+                    return
+                if status == _PGRES_POLLING_FAILED:
+                    message = lib.PQcancelErrorMessage(cancel_conn) or b""
+                    raise RuntimeError(message.decode(errors="replace"))
+                sock = lib.PQcancelSocket(cancel_conn)
+                if status == _PGRES_POLLING_READING:
+                    wait_read(sock)
+                else:
+                    wait_write(sock)
+    finally:
+        lib.PQcancelFinish(cancel_conn)

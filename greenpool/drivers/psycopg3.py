@@ -110,7 +110,7 @@ class Psycopg3Driver:
         try:
             conn.execute("")
         finally:
-            conn.autocommit = False
+            self._restore_autocommit(conn, False)
 
     def commit(self, conn: Any) -> None:
         conn.commit()
@@ -120,11 +120,20 @@ class Psycopg3Driver:
 
     def execute(self, conn: Any, sql: str) -> None:
         was = conn.autocommit
-        conn.autocommit = True
+        if not was:
+            conn.autocommit = True
         try:
             conn.execute(sql)
         finally:
-            conn.autocommit = was
+            self._restore_autocommit(conn, was)
+
+    def _restore_autocommit(self, conn: Any, value: bool) -> None:
+        # Interrupted mid-query (killed, timed out) the connection is ACTIVE and psycopg
+        # refuses to change autocommit: raising here would replace the interruption
+        # (swallowing GreenletExit or the caller's gevent.Timeout). The pool discards such
+        # a connection anyway, so leave it be.
+        if conn.autocommit != value and self.state(conn) is ConnState.IDLE:
+            conn.autocommit = value
 
     def cancel(self, conn: Any, timeout: float) -> None:
         if self._cancel_safe:
