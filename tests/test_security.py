@@ -1,0 +1,414 @@
+"""Security and hygiene: session state between borrowers, secrets, TLS pass-through.
+
+- Reset policies (``reset=None | "light" | "discard"``): what one borrower's session
+  leaves behind for the next borrower of the same backend (max_size=1, same pid asserted),
+  and what each policy costs per release (reported to the fault results file).
+- Secrets: the password never shows in logs (DEBUG), reprs, stats or error messages
+  (tracebacks included), whatever the way it was given and whatever went wrong.
+- TLS: ``sslmode`` and friends reach libpq unchanged; ``verify-full`` against a private
+  TLS-enabled cluster with a throwaway CA (needs the ``openssl`` command).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import psycopg
+import pytest
+
+from greenpool import ConnectError, GreenPool, PoolError
+from tests.loadgen import record_result
+from tests.support.pgcluster import (
+    APP_PASSWORD,
+    APP_USER,
+    PW_PASSWORD,
+    PW_USER,
+    PgBinariesNotFoundError,
+    PgCluster,
+)
+
+Factory = Callable[..., GreenPool]
+
+# --------------------------------------------------------------------------- reset
+
+
+SESSION_PROBE = """
+SELECT pg_backend_pid(),
+       current_user,
+       coalesce(current_setting('app.tenant', true), ''),
+       to_regclass('pg_temp.gp_private') IS NOT NULL,
+       (SELECT count(*) FROM pg_prepared_statements WHERE name = 'gp_stmt'),
+       (SELECT count(*) FROM pg_locks
+         WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted),
+       (SELECT count(*) FROM pg_listening_channels() AS c WHERE c = 'gp_channel'),
+       (SELECT count(*) FROM pg_cursors WHERE name = 'gp_cursor')
+"""
+
+# What the next borrower of the same backend sees, per policy.
+#            role        tenant      temp   prepared advisory listen cursor
+EXPECTED: dict[str | None, tuple[str, str, bool, int, int, int, int]] = {
+    None: (APP_USER, "tenant-1", True, 1, 1, 1, 1),
+    "light": ("postgres", "", True, 1, 0, 0, 0),
+    "discard": ("postgres", "", False, 0, 0, 0, 0),
+}
+FIELDS = ("role", "setting", "temp table", "prepared stmt", "advisory lock", "LISTEN", "cursor")
+
+
+def leave_session_state(conn: psycopg.Connection[Any]) -> int:
+    """Everything a borrower can leave on its session; returns the backend pid."""
+    conn.execute("CREATE TEMP TABLE gp_private (secret text)")
+    conn.execute("INSERT INTO gp_private VALUES ('tenant-1 data')")
+    conn.execute("PREPARE gp_stmt AS SELECT secret FROM gp_private")
+    conn.execute("SELECT pg_advisory_lock(4242)")
+    conn.execute("LISTEN gp_channel")
+    conn.execute("DECLARE gp_cursor CURSOR WITH HOLD FOR SELECT 1")
+    conn.execute("SET app.tenant = 'tenant-1'")
+    conn.execute(f"SET ROLE {APP_USER}")
+    return int(conn.info.backend_pid)
+
+
+@pytest.mark.parametrize("policy", [None, "light", "discard"], ids=["none", "light", "discard"])
+def test_session_state_seen_by_the_next_borrower(make_pool: Factory, policy: str | None) -> None:
+    pool = make_pool(min_size=1, max_size=1, reset=policy)
+    with pool.connection() as conn:  # committed: the SETs, LISTEN and cursor persist
+        pid = leave_session_state(conn)
+    with pool.connection() as conn:
+        row = conn.execute(SESSION_PROBE).fetchone()
+    assert row is not None
+    assert row[0] == pid, "not the same backend: the test proves nothing"
+    seen = (row[1], row[2], bool(row[3]), row[4], row[5], row[6], row[7])
+    assert seen == EXPECTED[policy], dict(zip(FIELDS, seen, strict=True))
+
+
+@pytest.mark.parametrize("policy", [None, "light", "discard"], ids=["none", "light", "discard"])
+def test_client_side_settings_are_kept_by_every_policy(
+    make_pool: Factory, policy: str | None
+) -> None:
+    """psycopg attributes live in the client: no server-side reset touches them."""
+    pool = make_pool(min_size=1, max_size=1, reset=policy)
+    conn = pool.getconn()
+    conn.autocommit = True
+    conn.read_only = True
+    pool.putconn(conn)
+    conn = pool.getconn()
+    try:
+        assert conn.autocommit is True and conn.read_only is True
+    finally:
+        conn.autocommit = False
+        conn.read_only = None
+        pool.putconn(conn)
+
+
+@pytest.mark.parametrize("policy", ["light", "discard"])
+def test_reset_keeps_psycopg_prepared_statement_cache_consistent(
+    make_pool: Factory, policy: str
+) -> None:
+    """psycopg prepares a query server-side after 5 executions; DISCARD ALL drops it on
+    the server, and psycopg must notice so the next borrower's executions still work."""
+    pool = make_pool(min_size=1, max_size=1, reset=policy)
+    query = "SELECT %s::int + 1"
+    pids = []
+    for _borrower in range(2):
+        with pool.connection() as conn:
+            pids.append(conn.info.backend_pid)
+            for i in range(10):
+                row = conn.execute(query, [i]).fetchone()
+                assert row == (i + 1,)
+            prepared = conn.execute(
+                "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '_pg3_%%'"
+            ).fetchone()
+            assert prepared is not None and prepared[0] >= 1, "psycopg did not auto-prepare"
+    assert pids[0] == pids[1]
+
+
+def test_reset_cost_per_release(make_pool: Factory) -> None:
+    rounds = 300
+    figures: dict[str, dict[str, float]] = {}
+    for policy in (None, "light", "discard"):
+        pool = make_pool(min_size=1, max_size=1, reset=policy)
+        pool.putconn(pool.getconn())  # warm
+        samples = []
+        for _ in range(rounds):
+            conn = pool.getconn()
+            t0 = time.perf_counter_ns()
+            pool.putconn(conn)
+            samples.append((time.perf_counter_ns() - t0) / 1e3)
+        samples.sort()
+        figures[str(policy).lower()] = {
+            "p50_us": round(statistics.median(samples), 1),
+            "p99_us": round(samples[int(rounds * 0.99) - 1], 1),
+            "mean_us": round(statistics.fmean(samples), 1),
+        }
+        pool.close()
+    assert figures["none"]["p50_us"] < figures["light"]["p50_us"]
+    assert figures["none"]["p50_us"] < figures["discard"]["p50_us"]
+    record_result(
+        "reset cost per release",
+        {"rounds": rounds, "loopback": True, **figures},
+        guarantee="reset=None/light/discard clear what RELIABILITY.md lists",
+        headline=", ".join(f"{k} {v['p50_us']:.0f} µs" for k, v in figures.items())
+        + " per release (p50, loopback)",
+        rerun="python -m pytest -q tests/test_security.py::test_reset_cost_per_release -s",
+    )
+
+
+# --------------------------------------------------------------------------- secrets
+
+SECRET = "Sup3r-S3cret pa'ss@w:rd/%zz"
+MARKERS = (SECRET, quote(SECRET, safe=""), "Sup3r-S3cret")
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # nothing listens there once the socket is closed
+
+
+def _texts_of_error(ex: BaseException) -> list[str]:
+    texts = [str(ex), repr(ex), "".join(traceback.format_exception(ex))]
+    for arg in ex.args:
+        texts.append(repr(arg))
+    return texts
+
+
+def _texts_of_pool(pool: GreenPool) -> list[str]:
+    return [
+        str(pool),
+        repr(pool),
+        json.dumps(pool.stats(), default=str),
+        repr(pool.settings),
+        pool.name,
+    ]
+
+
+def _assert_clean(
+    texts: list[str], caplog: pytest.LogCaptureFixture, markers: tuple[str, ...] = MARKERS
+) -> None:
+    texts = list(texts)
+    texts.append(caplog.text)
+    for record in caplog.records:
+        texts.append(record.getMessage())
+        if record.exc_info:
+            texts.append("".join(traceback.format_exception(*record.exc_info)))
+    for text in texts:
+        for marker in markers:
+            assert marker not in text, f"secret leaked: {text!r}"
+
+
+@pytest.fixture
+def debug_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG)  # every logger: greenpool's, psycopg's, gevent's
+    return caplog
+
+
+def _url(cluster: PgCluster, password: str, *, port: int | None = None) -> str:
+    return (
+        f"postgresql://{PW_USER}:{quote(password, safe='')}@{cluster.host}:"
+        f"{port or cluster.port}/postgres?connect_timeout=5"
+    )
+
+
+WRONG_PASSWORD_CASES: dict[str, Callable[[PgCluster], tuple[str, dict[str, Any]]]] = {
+    "keyvalue": lambda c: (c.dsn(PW_USER, SECRET), {}),
+    "url": lambda c: (_url(c, SECRET), {}),
+    "kwargs": lambda c: (c.dsn(PW_USER), {"password": SECRET}),
+    "unreachable-keyvalue": lambda c: (c.dsn(PW_USER, SECRET, port=_closed_port()), {}),
+    "unreachable-url": lambda c: (_url(c, SECRET, port=_closed_port()), {}),
+    "unreachable-kwargs": lambda c: (c.dsn(PW_USER, port=_closed_port()), {"password": SECRET}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_PASSWORD_CASES))
+def test_password_never_leaks_on_connection_failure(
+    cluster: PgCluster, make_pool: Factory, debug_logs: pytest.LogCaptureFixture, case: str
+) -> None:
+    conninfo, kwargs = WRONG_PASSWORD_CASES[case](cluster)
+    pool = make_pool(conninfo, kwargs=kwargs, open=False, min_size=1)
+    texts = _texts_of_pool(pool)
+    with pytest.raises(ConnectError) as info:
+        pool.open(wait=True, timeout=10)
+    message = str(info.value)
+    assert ("password authentication failed" in message) or ("refused" in message), message
+    texts += _texts_of_error(info.value) + _texts_of_pool(pool)
+    # A pool left retrying in the background: its timeouts and logs too.
+    retrying = make_pool(conninfo, kwargs=kwargs, open=False, min_size=1)
+    retrying.open()
+    with pytest.raises(PoolError) as timeout_info:
+        retrying.getconn(timeout=0.5)
+    texts += _texts_of_error(timeout_info.value) + _texts_of_pool(retrying)
+    retrying.close()
+    _assert_clean(texts, debug_logs)
+
+
+MALFORMED: dict[str, str] = {
+    "missing-equals": f"host=127.0.0.1 password='{SECRET.replace(chr(39), '')}' port",
+    "unterminated-quote": f"host=127.0.0.1 password='{SECRET}",
+    "unknown-option": f"host=127.0.0.1 password='{SECRET.replace(chr(39), '')}' bogus=1",
+    "unknown-pool-option": f"host=127.0.0.1 password='{SECRET.replace(chr(39), '')}' pool_x=1",
+    "url-bad-port": f"postgresql://u:{quote(SECRET, safe='')}@127.0.0.1:notaport/db",
+    "url-bad-percent": "postgresql://u:Sup3r-S3cret%zz@127.0.0.1/db",
+    "url-bad-option": f"postgresql://u:{quote(SECRET, safe='')}@127.0.0.1/db?bogus=1",
+    "url-bad-host": f"postgresql://u:{quote(SECRET, safe='')}@[::1/db",
+    "url-bad-pool-value": f"postgresql://u:{quote(SECRET, safe='')}@h/db?pool_max_conns=x",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_password_never_leaks_from_malformed_conninfo(
+    debug_logs: pytest.LogCaptureFixture, case: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        GreenPool(MALFORMED[case], name="malformed")
+    assert str(info.value), "an error without a message is not a clear error"
+    _assert_clean(_texts_of_error(info.value), debug_logs)
+
+
+def test_password_never_leaks_in_normal_operation(
+    cluster: PgCluster, make_pool: Factory, debug_logs: pytest.LogCaptureFixture
+) -> None:
+    pools = [
+        make_pool(cluster.dsn(APP_USER, APP_PASSWORD), min_size=2),
+        make_pool(_url(cluster, PW_PASSWORD)),
+        make_pool(cluster.dsn(APP_USER), kwargs={"password": APP_PASSWORD}),
+    ]
+    texts: list[str] = []
+    for pool in pools:
+        pool.wait(10)
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+            texts += [repr(conn), conn.info.dsn]
+        pool.check()
+        texts += _texts_of_pool(pool)
+    # drain() to a wrong password: the new secret is masked as well.
+    with pytest.raises(ConnectError) as info:
+        pools[0].drain(timeout=5, conninfo=cluster.dsn(APP_USER, SECRET))
+    texts += _texts_of_error(info.value) + _texts_of_pool(pools[0])
+    for pool in pools:
+        pool.close()
+    _assert_clean(texts, debug_logs, (*MARKERS, APP_PASSWORD, PW_PASSWORD))
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _make_certs(directory: Path) -> None:
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-days", "2", "-subj", "/CN=greenpool test CA",
+             "-keyout", "ca.key", "-out", "ca.crt", cwd=directory)  # fmt: skip
+    _openssl("req", "-x509", *ec, "-days", "2", "-subj", "/CN=some other CA",
+             "-keyout", "other.key", "-out", "other.crt", cwd=directory)  # fmt: skip
+    _openssl("req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
+             "-out", "server.csr", cwd=directory)  # fmt: skip
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", "server.crt",
+             cwd=directory)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tls_cluster() -> Iterator[tuple[PgCluster, Path]]:
+    """A private cluster with ssl=on and a certificate for 127.0.0.1 from a test CA."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make certificates")
+    directory = Path(tempfile.mkdtemp(prefix="greenpool-tls-"))
+    try:
+        _make_certs(directory)
+        settings = {
+            "ssl": "on",
+            "ssl_cert_file": f"'{directory / 'server.crt'}'",
+            "ssl_key_file": f"'{directory / 'server.key'}'",
+        }
+        try:
+            cluster = PgCluster(extra_settings=settings)
+        except PgBinariesNotFoundError:
+            pytest.skip("no PostgreSQL server binaries")
+        if cluster.run_as is not None:  # the server runs as another user: let it read
+            user = pwd.getpwnam(cluster.run_as)
+            os.chmod(directory, 0o755)
+            for name in ("server.crt", "server.key"):
+                os.chown(directory / name, user.pw_uid, user.pw_gid)
+        os.chmod(directory / "server.key", 0o600)
+        with cluster:
+            yield cluster, directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("sslmode", "in_use"), [("disable", False), ("require", True), ("prefer", True)]
+)
+def test_sslmode_reaches_the_connection(
+    tls_cluster: tuple[PgCluster, Path], make_pool: Factory, sslmode: str, in_use: bool
+) -> None:
+    cluster, _ = tls_cluster
+    for conninfo in (
+        cluster.dsn(sslmode=sslmode, tcp_user_timeout=5000, keepalives_idle=30),
+        f"postgresql://postgres@{cluster.host}:{cluster.port}/postgres"
+        f"?sslmode={sslmode}&tcp_user_timeout=5000&keepalives_idle=30",
+    ):
+        pool = make_pool(conninfo, min_size=1)
+        with pool.connection() as conn:
+            params = conn.info.get_parameters()
+            assert params.get("sslmode", "prefer") == sslmode  # libpq omits its default
+            assert params["tcp_user_timeout"] == "5000" and params["keepalives_idle"] == "30"
+            assert conn.pgconn.ssl_in_use is in_use
+            on_server = conn.execute(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+            ).fetchone()
+            assert on_server == (in_use,)
+        pool.close()
+
+
+def test_sslmode_require_without_tls_on_the_server_fails_clearly(
+    cluster: PgCluster, make_pool: Factory
+) -> None:
+    pool = make_pool(cluster.dsn(sslmode="require"), open=False)
+    with pytest.raises(ConnectError, match="does not support SSL"):
+        pool.open(wait=True, timeout=10)
+
+
+def test_sslmode_verify_full(tls_cluster: tuple[PgCluster, Path], make_pool: Factory) -> None:
+    cluster, certs = tls_cluster
+    good = cluster.dsn(sslmode="verify-full", sslrootcert=str(certs / "ca.crt"))
+    pool = make_pool(good, min_size=1)
+    with pool.connection() as conn:
+        assert conn.pgconn.ssl_in_use
+    pool.close()
+    failures = {
+        "unknown CA": cluster.dsn(sslmode="verify-full", sslrootcert=str(certs / "other.crt")),
+        "wrong host name": cluster.dsn(
+            host="localhost",
+            hostaddr="127.0.0.1",
+            sslmode="verify-full",
+            sslrootcert=str(certs / "ca.crt"),
+        ),
+    }
+    messages = {}
+    for what, conninfo in failures.items():
+        pool = make_pool(conninfo, open=False)
+        t0 = time.monotonic()
+        with pytest.raises(ConnectError) as info:
+            pool.open(wait=True, timeout=10)
+        assert time.monotonic() - t0 < 2
+        messages[what] = str(info.value).split("): ", 1)[-1]
+    assert "certificate verify failed" in messages["unknown CA"], messages
+    assert "does not match host name" in messages["wrong host name"], messages
