@@ -14,6 +14,7 @@ import weakref
 from typing import Any
 
 import gevent
+from gevent.lock import Semaphore
 
 from greenpool.errors import CooperationError, PoolError
 from greenpool.flask_ext.config import DatabaseConfig, ExtensionOptions
@@ -58,6 +59,7 @@ class AppState:
         self._pools: dict[str | None, CorePool] = {}
         self._pid = os.getpid()
         self._hub: Any = None
+        self._start_lock: Semaphore | None = None
         self._in_use: dict[str | None, int] = {}
         self._peak: dict[str | None, int] = {}
         _STATES.add(self)
@@ -105,13 +107,22 @@ class AppState:
                 f"greenpool: app {self.app_name!r} is used from a second thread; its pools "
                 "belong to one gevent hub (serve with `gunicorn -k gevent`)"
             )
-        pool = CorePool(db.conninfo, **db.pool_kwargs())
-        self._check_cooperation(pool, db)
-        if key in self._pools:  # another greenlet won the race meanwhile
-            return self._pools[key]
-        pool.open()
-        self._pools[key] = pool
-        self._hub = hub
+        if self._start_lock is None:
+            self._start_lock = Semaphore()
+        # Opening a pool may yield (the driver's first-time set-up), so concurrent first
+        # requests must not each create one: one starts it, the others wait and share it.
+        with self._start_lock:
+            if key in self._pools:
+                return self._pools[key]
+            pool = CorePool(db.conninfo, **{**db.pool_kwargs(), "open": False})
+            pool.open()
+            try:
+                self._check_cooperation(pool, db)
+            except BaseException:
+                pool.close(timeout=0)
+                raise
+            self._pools[key] = pool
+            self._hub = hub
         logger.info("greenpool: pool %r started in process %d", db.pool_name, os.getpid())
         return pool
 
@@ -146,6 +157,7 @@ class AppState:
             logger.debug("greenpool: process %d forgets its parent's pools", os.getpid())
         self._pools = {}
         self._hub = None
+        self._start_lock = None
         self._in_use = {}
         self._peak = {}
         self._pid = os.getpid()
