@@ -98,24 +98,43 @@ with warnings.catch_warnings(record=True) as caught:
     pool = greenpool.GreenPool({dsn!r}, min_size=0, name="import_order")
     pool.close()
 print("WARNED" if any("cooperate" in str(w.message) for w in caught) else "QUIET")
+print("AFTER:", "; ".join(greenpool.cooperation_problems("psycopg")) or "OK")
 """
 
 
 @pytest.mark.parametrize(
-    ("before", "patch", "expect"),
+    ("before", "patch", "wait_mode", "expect"),
     [
-        ("", "monkey.patch_all()", ["OK", "QUIET"]),
-        ("import psycopg", "monkey.patch_all()", ["RAISED:", "imported before", "WARNED"]),
-        ("", "", ["RAISED:", "not monkey-patched", "WARNED"]),
+        ("", "monkey.patch_all()", "gevent", ["OK", "QUIET", "AFTER: OK"]),
+        # The pool installs gevent-native waits, which cures the import-order trap...
+        (
+            "import psycopg",
+            "monkey.patch_all()",
+            "gevent",
+            ["RAISED:", "imported before", "QUIET", "AFTER: OK"],
+        ),
+        # ...unless told to keep psycopg's own: then it says so loudly.
+        (
+            "import psycopg",
+            "monkey.patch_all()",
+            "psycopg",
+            ["RAISED:", "imported before", "WARNED", "AFTER: psycopg was imported before"],
+        ),
+        ("", "", "gevent", ["RAISED:", "not monkey-patched", "WARNED", "AFTER: gevent has"]),
     ],
-    ids=["patched-first", "psycopg-imported-first", "not-patched"],
+    ids=["patched-first", "imported-first-cured", "imported-first-kept", "not-patched"],
 )
-def test_import_order_check(dsn: str, before: str, patch: str, expect: list[str]) -> None:
+def test_import_order_check(
+    dsn: str, before: str, patch: str, wait_mode: str, expect: list[str]
+) -> None:
     import subprocess
     import sys
 
     script = IMPORT_ORDER_SCRIPT.format(before=before, patch=patch, dsn=dsn)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "GREENPOOL_PSYCOPG_WAIT": wait_mode}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
     assert out.returncode == 0, out.stderr
     for word in expect:
         assert word in out.stdout, out.stdout

@@ -1,0 +1,110 @@
+"""The gevent-native psycopg wait functions: installed by the pool, same semantics."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import gevent
+import psycopg
+import pytest
+from psycopg import errors, waiting
+
+from greenpool import GreenPool
+from greenpool.drivers import gevent_wait
+
+
+@pytest.fixture
+def conn(dsn: str, make_pool: Callable[..., GreenPool]) -> Iterator[psycopg.Connection]:
+    make_pool(min_size=0)  # creating a pool installs the wait functions
+    assert gevent_wait.installed()
+    with psycopg.connect(dsn, autocommit=True) as c:
+        yield c
+
+
+def test_compatible_with_this_psycopg_and_selftest_passes() -> None:
+    assert gevent_wait.compatible() == []
+    assert gevent_wait.socketpair_selftest() == []
+
+
+def test_pool_installs_it_and_uninstall_restores_psycopg_own(
+    make_pool: Callable[..., GreenPool],
+) -> None:
+    make_pool(min_size=0)
+    assert waiting.wait is gevent_wait.wait
+    gevent_wait.uninstall()
+    try:
+        assert waiting.wait is not gevent_wait.wait
+    finally:
+        assert gevent_wait.install() == []
+    assert gevent_wait.installed()
+
+
+def test_results_large_reads_and_large_writes(conn: psycopg.Connection) -> None:
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert len(conn.execute("SELECT generate_series(1, 200000)").fetchall()) == 200000
+    big = "x" * (8 << 20)  # the send has to wait for the socket to drain
+    assert conn.execute("SELECT length(%s)", (big,)).fetchone() == (len(big),)
+
+
+def test_server_errors_and_statement_timeout(conn: psycopg.Connection) -> None:
+    conn.execute("SET statement_timeout = 50")
+    with pytest.raises(errors.QueryCanceled):
+        conn.execute("SELECT pg_sleep(1)")
+    conn.execute("SET statement_timeout = 0")
+    with pytest.raises(errors.DivisionByZero):
+        conn.execute("SELECT 1/0")
+
+
+def test_gevent_timeout_mid_query_propagates_and_leaks_no_watcher(
+    conn: psycopg.Connection,
+) -> None:
+    loop = gevent.get_hub().loop
+    gevent.sleep(0)
+    before = loop.activecnt
+    with pytest.raises(gevent.Timeout), gevent.Timeout(0.1):
+        conn.execute("SELECT pg_sleep(5)")
+    conn.cancel_safe(timeout=5)
+    conn.close()  # the cancelled query's result is still pending on it
+    gevent.sleep(0)
+    assert loop.activecnt <= before
+
+
+def test_socket_closed_under_a_waiter_raises_instead_of_hanging(dsn: str, conn: object) -> None:
+    victim_conn = psycopg.connect(dsn, autocommit=True)
+    outcome: list[BaseException] = []
+
+    def victim() -> None:
+        try:
+            victim_conn.execute("SELECT pg_sleep(3)")
+        except BaseException as ex:
+            outcome.append(ex)
+
+    g = gevent.spawn(victim)
+    gevent.sleep(0.05)
+    start = time.monotonic()
+    victim_conn.pgconn.finish()
+    g.join(timeout=2)
+    assert outcome and isinstance(outcome[0], psycopg.OperationalError), outcome
+    assert time.monotonic() - start < 1.0
+
+
+def test_connect_timeout_against_a_silent_listener(conn: object) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(f"host=127.0.0.1 port={port} user=x dbname=x connect_timeout=1")
+        assert 0.8 < time.monotonic() - start < 3.0
+
+
+def test_queries_stay_concurrent(dsn: str, conn: object) -> None:
+    conns = [psycopg.connect(dsn, autocommit=True) for _ in range(10)]
+    start = time.monotonic()
+    gevent.joinall([gevent.spawn(c.execute, "SELECT pg_sleep(0.2)") for c in conns])
+    assert time.monotonic() - start < 0.6
+    for c in conns:
+        c.close()
