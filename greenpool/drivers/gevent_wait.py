@@ -100,6 +100,14 @@ def _wait_once(hub: Any, fileno: int, events: int, wake_after: float | None) -> 
     return result & events
 
 
+def _wake_after(interval: float, deadline: float | None) -> float | None:
+    """When the next wait should give up on the socket: psycopg's interval, the deadline."""
+    if deadline is None:
+        return interval if interval > 0 else None
+    left = max(0.0, deadline - monotonic())
+    return min(interval, left) if interval > 0 else left
+
+
 def wait(
     gen: Generator[int, int, RV],
     fileno: int,
@@ -117,13 +125,7 @@ def wait(
     try:
         s = next(gen)
         while True:
-            wake_after: float | None
-            if deadline is None:
-                wake_after = interval if interval > 0 else None
-            else:
-                left = max(0.0, deadline - monotonic())
-                wake_after = min(interval, left) if interval > 0 else left
-            ready = _wait_once(hub, fileno, int(s), wake_after)
+            ready = _wait_once(hub, fileno, int(s), _wake_after(interval, deadline))
             s = gen.send(ready)
             if deadline is not None and monotonic() >= deadline:
                 raise _psycopg_errors()._WaitTimeout("wait timeout expired")
@@ -149,13 +151,7 @@ def wait_conn(
     try:
         fileno, s = next(gen)
         while True:
-            wake_after: float | None
-            if deadline is None:
-                wake_after = interval if interval > 0 else None
-            else:
-                left = max(0.0, deadline - monotonic())
-                wake_after = min(interval, left) if interval > 0 else left
-            ready = _wait_once(hub, fileno, int(s), wake_after)
+            ready = _wait_once(hub, fileno, int(s), _wake_after(interval, deadline))
             fileno, s = gen.send(ready)
             if deadline is not None and monotonic() >= deadline:
                 raise _psycopg_errors()._WaitTimeout("wait timeout expired")
@@ -166,7 +162,7 @@ def wait_conn(
 
 # --------------------------------------------------------------------------- installing
 
-#: Names (and parameters) of the psycopg.waiting functions this prototype replaces.
+#: Names (and parameters) of the psycopg.waiting functions this module replaces.
 _EXPECTED_PARAMS = {
     "wait": ("gen", "fileno", "interval", "timeout"),
     "wait_conn": ("gen", "interval", "timeout"),
