@@ -51,6 +51,7 @@ from greenpool.waiters import WaitQueue
 logger = logging.getLogger("greenpool")
 
 _NEW, _OPEN, _CLOSED = "new", "open", "closed"
+_IDLE, _IN_TRANSACTION, _IN_ERROR = ConnState.IDLE, ConnState.IN_TRANSACTION, ConnState.IN_ERROR
 
 BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 2.0
@@ -95,19 +96,21 @@ class _ConnectionContext:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         pool, conn = self._pool, self._conn
         self._conn = None
+        state: ConnState | None = None  # None: the release reads it afresh
         try:
             if exc_type is None:
                 state = pool._driver.state(conn)
-                if state is ConnState.IN_TRANSACTION:
+                if state is _IN_TRANSACTION:
+                    state = None
                     pool._driver.commit(conn)
-                elif state is ConnState.IN_ERROR:
+                elif state is _IN_ERROR:
                     raise PoolError(
                         "the transaction failed inside the 'with pool.connection()' block "
                         "and was rolled back: nothing was committed"
                     )
         finally:
-            # putconn rolls back whatever is still open (the error case included).
-            pool.putconn(conn)
+            # The release rolls back whatever is still open (the error case included).
+            pool._release(conn, state)
 
 
 class GreenPool:
@@ -560,6 +563,10 @@ class GreenPool:
         policy. Raises PoolError, changing nothing, for a connection this pool did not lend
         or one already returned.
         """
+        self._release(conn, None)
+
+    def _release(self, conn: Any, state: ConnState | None) -> None:
+        """putconn, with the connection's state already read by the caller (or None)."""
         rec = self._lent.pop(id(conn), None)
         if rec is None:
             kind = "one of its connections" if self._driver.is_connection(conn) else "a connection"
@@ -569,8 +576,9 @@ class GreenPool:
             )
         self._busy += 1
         self._returns_count += 1
-        state = self._driver.state(conn)
-        if state is ConnState.IDLE and not self._reset_policy.needed:
+        if state is None:
+            state = self._driver.state(conn)
+        if state is _IDLE and not self._reset_policy.needed:
             self._recycle(rec)
             return
         try:
@@ -721,6 +729,11 @@ class GreenPool:
     def _grow(self) -> None:
         """Spawn connector greenlets if connections are wanted and slots are free."""
         if self._state != _OPEN or self._forked:
+            return
+        if (  # full: the common case while greenlets queue, so skip _deficit
+            len(self._idle) + len(self._lent) + self._busy + self._constructing + self._closing
+            >= self.settings.max_size
+        ):
             return
         deficit = self._deficit()
         if deficit <= 0:

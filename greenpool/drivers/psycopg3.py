@@ -72,6 +72,8 @@ class Psycopg3Driver:
             raise ValueError(f"{WAIT_ENV}: expected 'gevent' or 'psycopg', got {mode!r}")
         if mode == "psycopg" or not _gevent_patched("select"):
             return
+        if os.environ.get("PSYCOPG_WAIT_FUNC"):  # the user chose psycopg's wait explicitly
+            return
         from greenpool.drivers import gevent_wait
 
         problems = gevent_wait.install()
