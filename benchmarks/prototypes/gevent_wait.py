@@ -1,4 +1,6 @@
-"""Prototype: psycopg 3 wait functions built directly on gevent's hub I/O watchers.
+"""Prototype (now adopted as ``greenpool.drivers.gevent_wait``): psycopg 3 wait functions
+built directly on gevent's hub I/O watchers. The functions themselves are imported from
+there; this module keeps the measured variants, a strict ``install`` and the self-test.
 
 Under gevent, psycopg 3 (3.2+) notices that ``select`` is monkey-patched and picks
 ``psycopg.waiting.wait_poll``. Every time a query has to wait for the socket, that
@@ -42,146 +44,34 @@ its own process, alternating, pinned to one CPU when possible).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Generator
 from time import monotonic
 from typing import Any, TypeVar
 
-from gevent import get_hub, getcurrent
+from gevent import get_hub
+
+from greenpool.drivers.gevent_wait import (
+    EV_READ,
+    EV_WRITE,
+    compatible,
+    socketpair_selftest,
+    wait,
+    wait_conn,
+)
+
+__all__ = [
+    "EV_READ",
+    "EV_WRITE",
+    "compatible",
+    "install",
+    "selftest",
+    "socketpair_selftest",
+    "wait",
+    "wait_conn",
+    "wait_no_timer",
+]
 
 RV = TypeVar("RV")
-
-# libev's EV_READ / EV_WRITE, which are also psycopg's Wait.R / Wait.W and Ready.R / Ready.W.
-EV_READ = 1
-EV_WRITE = 2
-_EV_RW = EV_READ | EV_WRITE
-
-# What the timer callback switches in with; any int is an I/O event mask instead.
-_TICK = object()
-
-# Bound once: psycopg's symbols are looked up lazily so this module imports without it.
-_errors: Any = None
-
-
-def _psycopg_errors() -> Any:
-    global _errors
-    if _errors is None:
-        from psycopg import errors
-
-        _errors = errors
-    return _errors
-
-
-def _socket_closed(fileno: int) -> bool:
-    try:
-        os.fstat(fileno)
-    except OSError:
-        return True
-    return False
-
-
-def _wait_once(hub: Any, fileno: int, events: int, wake_after: float | None) -> int:
-    """Park the current greenlet until ``fileno`` is ready for ``events`` or the timer fires.
-
-    Returns the ready flags (a subset of ``events``), or 0 when the timer fired first.
-    Raises OperationalError if the socket turned out to be closed.
-    """
-    loop = hub.loop
-    current_switch = getcurrent().switch
-    io = loop.io(fileno, events)
-    timer = None
-    try:
-        io.start(current_switch, pass_events=True)
-        if wake_after is not None:
-            timer = loop.timer(wake_after if wake_after > 0 else 0.0)
-            timer.start(current_switch, _TICK)
-        result = hub.switch()
-    finally:
-        io.stop()
-        io.close()
-        if timer is not None:
-            timer.stop()
-            timer.close()
-    if result is _TICK:
-        if _socket_closed(fileno):
-            raise _psycopg_errors().OperationalError("connection socket closed")
-        return 0
-    if type(result) is not int:
-        # Something switched into this greenlet that is not one of our watchers.
-        from gevent.exceptions import InvalidSwitchError
-
-        raise InvalidSwitchError(
-            f"psycopg wait on fd {fileno}: unexpected switch into the waiting greenlet "
-            f"with {result!r}"
-        )
-    if result < 0 or not result & _EV_RW:
-        # libev flags an fd it cannot watch (closed, not a socket) as an error event.
-        raise _psycopg_errors().OperationalError("connection socket closed")
-    return result & events
-
-
-def wait(
-    gen: Generator[int, int, RV],
-    fileno: int,
-    interval: float = 0.0,
-    timeout: float | None = None,
-) -> RV:
-    """Consume a psycopg generator waiting on ``fileno`` with gevent's I/O watchers.
-
-    Same signature and semantics as ``psycopg.waiting.wait`` (see the module docstring).
-    """
-    if interval is None:  # psycopg raises the same way
-        raise ValueError("indefinite wait not supported anymore")
-    hub = get_hub()
-    deadline = monotonic() + timeout if timeout is not None else None
-    try:
-        s = next(gen)
-        while True:
-            wake_after: float | None
-            if deadline is None:
-                wake_after = interval if interval > 0 else None
-            else:
-                left = max(0.0, deadline - monotonic())
-                wake_after = min(interval, left) if interval > 0 else left
-            ready = _wait_once(hub, fileno, int(s), wake_after)
-            s = gen.send(ready)
-            if deadline is not None and monotonic() >= deadline:
-                raise _psycopg_errors()._WaitTimeout("wait timeout expired")
-    except StopIteration as ex:
-        rv: RV = ex.value
-        return rv
-
-
-def wait_conn(
-    gen: Generator[tuple[int, int], int, RV],
-    interval: float = 0.0,
-    timeout: float | None = None,
-) -> RV:
-    """Like :func:`wait` for connection generators, which yield ``(fileno, wait)`` pairs.
-
-    Same signature and semantics as ``psycopg.waiting.wait_conn``; the fd may change
-    between yields (multiple hosts, SSL retry), so every wait uses a fresh watcher.
-    """
-    if interval is None:
-        raise ValueError("indefinite wait not supported anymore")
-    hub = get_hub()
-    deadline = monotonic() + timeout if timeout is not None else None
-    try:
-        fileno, s = next(gen)
-        while True:
-            wake_after: float | None
-            if deadline is None:
-                wake_after = interval if interval > 0 else None
-            else:
-                left = max(0.0, deadline - monotonic())
-                wake_after = min(interval, left) if interval > 0 else left
-            ready = _wait_once(hub, fileno, int(s), wake_after)
-            fileno, s = gen.send(ready)
-            if deadline is not None and monotonic() >= deadline:
-                raise _psycopg_errors()._WaitTimeout("wait timeout expired")
-    except StopIteration as ex:
-        rv: RV = ex.value
-        return rv
 
 
 # --------------------------------------------------------------------------- variants
@@ -200,122 +90,6 @@ def wait_no_timer(
     closes would wait forever; only here to measure what the timer costs.
     """
     return wait(gen, fileno, 0.0 if timeout is None else interval, timeout)
-
-
-# --------------------------------------------------------------------------- installing
-
-#: Names (and parameters) of the psycopg.waiting functions this prototype replaces.
-_EXPECTED_PARAMS = {
-    "wait": ("gen", "fileno", "interval", "timeout"),
-    "wait_conn": ("gen", "interval", "timeout"),
-}
-
-
-def compatible() -> list[str]:
-    """Reasons why this prototype should NOT be installed; empty if it is safe to.
-
-    Checks what the driver adapter must check before swapping the functions: gevent has
-    patched ``select`` (otherwise psycopg's C wait is right and ours would be wrong), psycopg
-    still exposes ``waiting.wait``/``waiting.wait_conn`` with the signatures we mimic,
-    ``Connection.wait`` still calls ``waiting.wait`` at call time, and the ``Wait``/``Ready``
-    flags still equal libev's bits.
-    """
-    import inspect
-    import sys
-
-    problems: list[str] = []
-    monkey = sys.modules.get("gevent.monkey")
-    if not (monkey and monkey.is_module_patched("select")):
-        problems.append("gevent has not patched select: psycopg's own wait is correct")
-    try:
-        import psycopg
-        from psycopg import waiting
-    except ImportError as ex:  # pragma: no cover
-        return [*problems, f"psycopg not importable: {ex}"]
-    for name, params in _EXPECTED_PARAMS.items():
-        func = getattr(waiting, name, None)
-        if func is None:
-            problems.append(f"psycopg.waiting.{name} is gone")
-            continue
-        try:
-            got = tuple(inspect.signature(func).parameters)
-        except (TypeError, ValueError):
-            got = ()
-        if got[: len(params)] != params:
-            problems.append(f"psycopg.waiting.{name}{got} no longer matches {params}")
-    wait_enum = getattr(waiting, "Wait", None)
-    ready_enum = getattr(waiting, "Ready", None)
-    if wait_enum is None or ready_enum is None:
-        problems.append("psycopg.waiting.Wait/Ready are gone")
-    elif (int(wait_enum.R), int(wait_enum.W), int(ready_enum.R), int(ready_enum.W)) != (
-        EV_READ,
-        EV_WRITE,
-        EV_READ,
-        EV_WRITE,
-    ):
-        problems.append("psycopg's Wait/Ready flags no longer equal libev's EV_READ/EV_WRITE")
-    try:
-        src = inspect.getsource(psycopg.Connection.wait)
-    except (OSError, TypeError):
-        src = ""
-    if "waiting.wait(" not in src:
-        problems.append("psycopg.Connection.wait no longer calls waiting.wait at call time")
-    for name in ("_WaitTimeout", "OperationalError"):
-        if not hasattr(_psycopg_errors(), name):
-            problems.append(f"psycopg.errors.{name} is gone")
-    return problems
-
-
-def socketpair_selftest() -> list[str]:
-    """A functional check needing no database (about 0.1 ms): run :func:`wait` and
-    :func:`wait_conn` over a socketpair with tiny generators shaped like psycopg's.
-
-    What a driver adapter should run once before installing, on top of :func:`compatible`:
-    it proves the Wait/Ready <-> libev mapping, the hand-back of the generator's value and
-    the timeout path on this exact gevent + psycopg combination.
-    """
-    import socket
-
-    from psycopg import errors
-    from psycopg.waiting import Ready, Wait
-
-    problems: list[str] = []
-    a, b = socket.socketpair()
-    try:
-        a.setblocking(False)
-
-        def reader() -> Generator[int, int, bytes]:
-            ready = yield Wait.R
-            while not ready:
-                ready = yield Wait.R
-            return a.recv(16) if ready & Ready.R else b""
-
-        def writer() -> Generator[int, int, int]:
-            ready = yield Wait.W
-            return int(ready)
-
-        def conn_gen() -> Generator[tuple[int, int], int, int]:
-            ready = yield (a.fileno(), Wait.W)
-            return int(ready)
-
-        b.send(b"x")
-        if wait(reader(), a.fileno(), 0.1) != b"x":
-            problems.append("read readiness not reported")
-        if wait(writer(), a.fileno(), 0.1) != Ready.W:
-            problems.append("write readiness not reported")
-        if wait_conn(conn_gen(), 0.1) != Ready.W:
-            problems.append("wait_conn did not report write readiness")
-        try:
-            wait(reader(), a.fileno(), 0.1, timeout=0.0)  # nothing to read: must time out
-            problems.append("timeout=0 did not raise _WaitTimeout")
-        except errors._WaitTimeout:
-            pass
-    except Exception as ex:
-        problems.append(f"{type(ex).__name__}: {ex}")
-    finally:
-        a.close()
-        b.close()
-    return problems
 
 
 def install(*, strict: bool = True, variant: str = "wait") -> Callable[[], None]:
