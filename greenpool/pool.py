@@ -888,7 +888,11 @@ class GreenPool:
             self._idle.remove(oldest)
             self._idle_destroy_count += 1
             self._close_now(oldest)
-        while self._idle and self._total() + self._closing > s.max_size:
+        self._trim_idle_to_max_size()
+
+    def _trim_idle_to_max_size(self) -> None:
+        """After max_size shrank: close the longest-idle connections above it."""
+        while self._idle and self._total() + self._closing > self.settings.max_size:
             self._close_now(self._idle.popleft())
 
     def _health_check(self) -> int:
@@ -941,8 +945,7 @@ class GreenPool:
         new.validate()
         self.settings = new
         logger.info("pool %r resized to min=%d max=%d", self.name, new.min_size, new.max_size)
-        while self._idle and self._total() + self._closing > new.max_size:
-            self._close_now(self._idle.popleft())
+        self._trim_idle_to_max_size()
         self._grow()
 
     def reset(self) -> None:
