@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import gevent
+import gevent.event
 import psycopg
 import pytest
 from psycopg import errors, waiting
@@ -108,3 +109,64 @@ def test_queries_stay_concurrent(dsn: str, conn: object) -> None:
     assert time.monotonic() - start < 0.6
     for c in conns:
         c.close()
+
+
+def _kept(fileno: int) -> object:
+    cache = gevent.get_hub().__dict__.get(gevent_wait._CACHE_ATTR, {})
+    return cache.get(fileno)
+
+
+def test_each_socket_keeps_its_watchers_between_queries(conn: psycopg.Connection) -> None:
+    conn.execute("SELECT 1")
+    fileno = conn.pgconn.socket
+    kept = _kept(fileno)
+    assert kept is not None
+    io = kept.io  # type: ignore[attr-defined]
+    for _ in range(5):
+        conn.execute("SELECT 1")
+    assert _kept(fileno) is kept and kept.io is io  # type: ignore[attr-defined]
+    assert not io.active
+
+
+def test_a_new_socket_on_a_reused_fd_number_works(dsn: str, conn: object) -> None:
+    first = psycopg.connect(dsn, autocommit=True)
+    first.execute("SELECT 1")
+    fileno = first.pgconn.socket
+    first.close()
+    second = psycopg.connect(dsn, autocommit=True)  # the lowest free fd: usually the same
+    try:
+        assert second.pgconn.socket == fileno or _kept(second.pgconn.socket) is None
+        assert second.execute("SELECT 2").fetchone() == (2,)
+        big = "y" * (4 << 20)  # switches the kept watcher between write and read
+        assert second.execute("SELECT length(%s)", (big,)).fetchone() == (len(big),)
+    finally:
+        second.close()
+
+
+def test_kept_timer_ticks_at_psycopg_interval_and_two_waiters_on_one_fd_both_wake(
+    conn: object,
+) -> None:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    ticks = [0, 0]
+    fed = gevent.event.Event()
+
+    def reader(i: int) -> Iterator[int]:
+        ready = yield waiting.Wait.R
+        while not ready:
+            ticks[i] += 1
+            if ticks[0] >= 2:
+                fed.set()
+            ready = yield waiting.Wait.R
+        return int(ready)
+
+    try:
+        jobs = [gevent.spawn(gevent_wait.wait, reader(i), a.fileno(), 0.05) for i in (0, 1)]
+        assert fed.wait(timeout=5), "the interval timer never ticked"
+        b.send(b"x")
+        gevent.joinall(jobs, timeout=5, raise_error=True)
+        assert [j.value for j in jobs] == [int(waiting.Ready.R)] * 2
+        assert ticks[1] >= 1  # the second waiter (fresh watchers) ticks as well
+    finally:
+        a.close()
+        b.close()
