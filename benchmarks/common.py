@@ -62,6 +62,14 @@ def pick_cpu(requested: int | None = None) -> int | None:
     return allowed[-1] if allowed else None
 
 
+def other_cpu(cpu: int | None) -> int | None:
+    """An allowed CPU other than ``cpu`` (the lowest), or ``cpu`` when there is no other."""
+    if cpu is None or not hasattr(os, "sched_getaffinity"):
+        return cpu
+    others = sorted(os.sched_getaffinity(0) - {cpu})
+    return others[0] if others else cpu
+
+
 def pin_self(cpu: int | None, nice: int | None = None) -> bool:
     """Pin the calling process to ``cpu`` (and set its nice value); False if not pinned."""
     if nice is not None:

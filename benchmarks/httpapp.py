@@ -8,8 +8,9 @@ Environment:
 
 - ``BENCH_DSN`` (required): where to connect;
 - ``BENCH_HTTP_POOL``: ``greenpool`` (default), ``greenpool_pw`` (greenpool keeping
-  psycopg's own wait function: ``GREENPOOL_PSYCOPG_WAIT=psycopg``), ``psycopg_pool`` or
-  ``nopool`` (connect per request);
+  psycopg's own wait function: ``GREENPOOL_PSYCOPG_WAIT=psycopg``), ``psycopg_pool``,
+  ``nopool`` (connect per request) or ``nodb`` (``/q`` answers without a database: the
+  floor of what the app costs, which no pool can go under);
 - ``BENCH_HTTP_MAX_SIZE``: pool size (default 10; the pools are opened full).
 """
 
@@ -29,7 +30,7 @@ MAX_SIZE = int(os.environ.get("BENCH_HTTP_MAX_SIZE", "10"))
 APP_NAME = f"bench-http-{MODE}"
 
 
-def _make_borrow() -> Callable[[], AbstractContextManager[Any]]:
+def _make_borrow() -> Callable[[], AbstractContextManager[Any]] | None:
     kwargs: dict[str, Any] = {"autocommit": True}
     if MODE in ("greenpool", "greenpool_pw"):
         from greenpool import GreenPool
@@ -65,6 +66,8 @@ def _make_borrow() -> Callable[[], AbstractContextManager[Any]]:
             return psycopg.connect(DSN, application_name=APP_NAME, **kwargs)
 
         return connect
+    if MODE == "nodb":
+        return None
     raise SystemExit(f"BENCH_HTTP_POOL: unknown mode {MODE!r}")
 
 
@@ -79,6 +82,8 @@ def health() -> str:
 
 @app.get("/q")
 def query() -> str:
+    if borrow is None:
+        return "1"
     with borrow() as conn:
         row = conn.execute("SELECT 1").fetchone()
     return str(row[0])

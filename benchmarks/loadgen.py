@@ -115,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
             for name in names[shift:] + names[:shift]:
                 app0 = common.tree_cpu_ns(app_pids.get(name))
                 pg0 = common.tree_cpu_ns(args.postmaster)
+                own0 = time.process_time()
                 lat, errs, secs = burst(
                     clients[name], args.path, args.concurrency, args.burst, args.max_requests
                 )
+                own1 = time.process_time()
                 app1 = common.tree_cpu_ns(app_pids.get(name))
                 pg1 = common.tree_cpu_ns(args.postmaster)
                 n = max(1, len(lat))
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                     "p50_ms": common.percentile(lat, 50) * 1e3,
                     "p99_ms": common.percentile(lat, 99) * 1e3,
                     "errors": len(errs),
+                    "loadgen_cpu_us": (own1 - own0) * 1e6 / n,
                 }
                 if app0 is not None and app1 is not None:
                     rec["app_cpu_us"] = (app1 - app0) / 1e3 / n

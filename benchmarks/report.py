@@ -15,7 +15,37 @@ HTTP_LABELS = {
     "greenpool_pw": "greenpool, psycopg's own wait",
     "psycopg_pool": "psycopg_pool",
     "nopool": "connect per request",
+    "nodb": "no database (the app alone)",
 }
+
+
+def http_limit(
+    agg: dict[str, dict[str, dict[str, float]]], http: dict[str, dict[str, dict[str, float]]]
+) -> str:
+    """What 1.2x psycopg_pool's req/s demands, in CPU per request, against the app's floor.
+
+    With the apps CPU-bound on one CPU, req/s is 1 / (app + PostgreSQL CPU per request). The
+    same app without a database sets the floor no pool can go under; the rest is the
+    database work a pool and its driver may spend.
+    """
+
+    def total(v: str) -> float:
+        return _get(http, v, "app_cpu_us") + _get(http, v, "pg_cpu_us")
+
+    ref, floor, g = total(REFERENCE), _get(http, "nodb", "app_cpu_us"), total("greenpool")
+    if any(math.isnan(x) for x in (ref, floor, g)):
+        return ""
+    budget = ref / 1.2 - floor
+    held = _cpu(agg, "greenpool", "held_select1")
+    text = (
+        f"The same app without a database costs {_fmt(floor)} µs of CPU per request, so no "
+        f"pool can exceed {_fmt(ref / floor, 2)}x psycopg_pool's {_fmt(ref)} µs. 1.2x leaves "
+        f"{_fmt(budget)} µs per request for all the database work (pool, driver, wait, "
+        f"PostgreSQL); greenpool spends {_fmt(g - floor)} µs, psycopg_pool {_fmt(ref - floor)}"
+    )
+    if not math.isnan(held):
+        text += f"; a bare SELECT 1 on a held psycopg 3 connection alone costs {_fmt(held)} µs"
+    return text + "."
 
 
 def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -398,9 +428,14 @@ def markdown(
             f"All apps run at once; the load generator alternates bursts between them "
             f"({meta.get('http_bursts')}). req/s and CPU are medians over bursts, p50/p99 over "
             "all requests, the paired ratio is the median over cycles of req/s divided by "
-            "psycopg_pool's in the same cycle.",
+            "psycopg_pool's in the same cycle. The apps share one CPU with PostgreSQL; the "
+            "load generator runs on another (see pinning above) so that its own CPU, "
+            "in the last column, is not taken from the apps.",
             "",
         ]
+        limit = http_limit(agg, http)
+        if limit:
+            lines += [limit, ""]
         lines += _table(
             [
                 "app on",
@@ -412,6 +447,7 @@ def markdown(
                 "req per CPU-s",
                 "ratio",
                 "errors",
+                "load generator CPU µs/req",
             ],
             [
                 [
@@ -424,6 +460,7 @@ def markdown(
                     _fmt(_get(http, v, "req_per_cpu_s"), 0),
                     _ratio(_get(http, v, "req_per_cpu_s"), _get(http, ref, "req_per_cpu_s")),
                     _fmt(_get(http, v, "errors", "max"), 0),
+                    _fmt(_get(http, v, "loadgen_cpu_us")),
                 ]
                 for v in hv
             ],

@@ -43,7 +43,7 @@ from benchmarks import common, report
 CORE = ["greenpool", "psycopg_pool", "sqla_fifo", "sqla_lifo", "psycopg2", "naive", "nopool"]
 FULL = [*CORE, "greenpool_pw"]
 HTTP_CORE = ["greenpool", "psycopg_pool", "nopool"]
-HTTP_FULL = ["greenpool", "psycopg_pool", "nopool", "greenpool_pw"]
+HTTP_FULL = ["greenpool", "psycopg_pool", "nopool", "greenpool_pw", "nodb"]
 WORKER_TIMEOUT = 300.0
 
 
@@ -274,8 +274,8 @@ def run_http(
             cmd += ["--target", f"{v}={ports[v]}", "--app-pid", f"{v}={servers[v].pid}"]
         if args.postmaster is not None:
             cmd += ["--postmaster", str(args.postmaster)]
-        if args.cpu_pinned is not None:
-            cmd += ["--cpu", str(args.cpu_pinned)]
+        if args.loadgen_cpu is not None:
+            cmd += ["--cpu", str(args.loadgen_cpu)]
         if args.nice is not None:
             cmd += ["--nice", str(args.nice)]
         budget = len(live) * (args.http_cycles * args.http_seconds + args.http_warmup) + 120
@@ -418,6 +418,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--paired-window", type=float, default=0.15, help="seconds per window")
     ap.add_argument("--http-concurrency", type=int, default=50)
+    ap.add_argument(
+        "--loadgen-cpu",
+        type=int,
+        default=None,
+        help="CPU for the HTTP load generator (default: one other than the apps' CPU)",
+    )
     ap.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: last one)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin anything")
     ap.add_argument(
@@ -480,11 +486,17 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = None if args.no_pin else common.pick_cpu(args.cpu)
     args.cpu_pinned = cpu
+    # The HTTP load generator costs about as much CPU per request as the app: on the apps'
+    # CPU it would take that much from them and dilute every difference between them.
+    if args.loadgen_cpu is None and cpu is not None:
+        args.loadgen_cpu = common.other_cpu(cpu)
     client_note = (
         f"client processes pinned to CPU {cpu}" if cpu is not None else "clients NOT pinned"
     )
     if args.nice is not None:
         client_note += f", nice {args.nice}"
+    if args.loadgen_cpu is not None:
+        client_note += f"; HTTP load generator on CPU {args.loadgen_cpu}"
     pinning = common.ServerPinning()
     problems: list[str] = []
     log(f"results: {outdir}")

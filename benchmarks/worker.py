@@ -50,7 +50,7 @@ class Params:
     connect_seconds: float = 2.0
     contended_seconds: float = 2.0
     contended_warmup: float = 0.5
-    io_seconds: float = 2.0
+    io_seconds: float = 3.0
     io_sleep: float = 0.005
     ceiling_calls: int = 60
     spike_requests: int = 100
@@ -236,21 +236,32 @@ def contended(c: Contender, p: Params) -> dict[str, Any]:
 
 
 def io_bound(c: Contender, p: Params) -> dict[str, Any]:
+    """pg_sleep under contention against its ceiling: 10 connections / one call's time.
+
+    One call is timed on a held connection both before and after the window (the median of
+    all), so a drift of the machine's speed during the round moves the ceiling with it.
+    """
     sql = f"SELECT pg_sleep({p.io_sleep})"
     query = c.query
     calls: list[float] = []
-    with c.connection() as conn:
-        query(conn, sql)
-        deadline = perf() + 10.0
-        for _ in range(p.ceiling_calls):
-            t0 = perf()
+
+    def time_calls(n: int) -> None:
+        with c.connection() as conn:
             query(conn, sql)
-            calls.append(perf() - t0)
-            if perf() > deadline:
-                break
+            deadline = perf() + 10.0
+            for _ in range(n):
+                t0 = perf()
+                query(conn, sql)
+                calls.append(perf() - t0)
+                if perf() > deadline:
+                    break
+
+    _contended(c, sql, p.greenlets, p.contended_warmup)  # every connection used, queue formed
+    time_calls(p.ceiling_calls // 2)
+    r = _contended(c, sql, p.greenlets, p.io_seconds)
+    time_calls(p.ceiling_calls - p.ceiling_calls // 2)
     one_call = common.median(calls)
     ceiling = p.max_size / one_call
-    r = _contended(c, sql, p.greenlets, p.io_seconds)
     return {
         "io_one_call_ms": one_call * 1e3,
         "io_ceiling": ceiling,
