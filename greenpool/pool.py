@@ -417,22 +417,22 @@ class GreenPool:
         while True:
             if self._idle and not self._waiting:
                 rec = self._idle.pop()
-                self._busy += 1
                 if (  # the common case, inline: fresh, young and of this generation
                     start - rec.idle_since <= settings.check_idle_after
                     and start < rec.expires_at
                     and rec.generation == self._generation
                 ):
-                    break
+                    break  # straight from idle to lent: never counted busy
+                self._busy += 1
             else:
                 rec = self._wait(deadline, start)
             vetted = self._vet(rec, deadline)
             if vetted:
+                self._busy -= 1
                 break
             if vetted is None or monotonic() >= deadline:
                 self._timeout_count += 1
                 raise PoolTimeout(self._timeout_message(monotonic() - start))
-        self._busy -= 1
         lent = self._lent
         lent[id(rec.conn)] = rec
         self._acquire_count += 1
@@ -574,13 +574,26 @@ class GreenPool:
                 f"putconn: pool {self.name!r} did not lend this object or it was already "
                 f"returned (expected {kind} currently borrowed from this pool)"
             )
-        self._busy += 1
         self._returns_count += 1
         if state is None:
             state = self._driver.state(conn)
         if state is _IDLE and not self._reset_policy.needed:
+            if (  # the common case, inline: straight back to idle, never counted busy
+                not self._waiting
+                and self._state == _OPEN
+                and rec.generation == self._generation
+                and len(self._idle) + len(self._lent) + self._busy + self._constructing
+                < self.settings.max_size - self._closing
+            ):
+                rec.idle_since = monotonic()
+                self._idle.append(rec)
+                if self._returned_event is not None:
+                    self._notify_returned()
+                return
+            self._busy += 1
             self._recycle(rec)
             return
+        self._busy += 1
         try:
             state = self._clean(rec, state)
         except BaseException:
