@@ -54,7 +54,7 @@ class Params:
     io_sleep: float = 0.005
     ceiling_calls: int = 60
     spike_requests: int = 100
-    spike_repeats: int = 2
+    spike_repeats: int = 5
     coop_greenlets: int = 10
     coop_sleep: float = 0.2
 

@@ -1,0 +1,237 @@
+"""Client instructions per query, counted by valgrind: a measure other load cannot move.
+
+``python -m benchmarks.instructions [--dsn DSN] [--ops 4000]``
+
+Wall-clock and even CPU-time ratios swing by 10-30% between runs on a shared 2-CPU machine.
+``valgrind --tool=callgrind`` counts the instructions the client process executes, which
+stays put whatever else runs. Each case runs twice under callgrind, with ``--ops`` and with
+``5 * --ops`` iterations after the same warm-up; the difference divided by ``4 * --ops`` is
+the cost of one iteration with start-up, connect and warm-up cancelled out. It counts
+user-space instructions only: the kernel's socket work and the server's are not in it (the
+wall-clock suite has them), so it answers "what does the client's Python cost", not "how
+fast". Needs ``valgrind`` on PATH; takes about two minutes.
+
+Cases (all ``SELECT 1``, autocommit, one greenlet, gevent-patched):
+
+- ``pg2_held`` / ``pg2_pool``: psycopg2 + psycogreen on a held connection / through
+  ``ThreadedConnectionPool`` behind a gevent ``BoundedSemaphore`` (as in the suite);
+- ``pg3_held``: psycopg 3 on a held connection with greenpool's gevent-native wait;
+- ``pg3_held_psycopg_wait``: the same with psycopg's own wait;
+- ``pg3_cursor_reused``: psycopg 3, one cursor reused instead of ``conn.execute``;
+- ``greenpool``: ``with pool.connection() as conn: conn.execute(...)``;
+- ``greenpool_acq_rel``: ``with pool.connection(): pass``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__" and "--child" in sys.argv:  # measured process: patch first
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CASES = (
+    "pg2_held",
+    "pg2_pool",
+    "pg3_held",
+    "pg3_held_psycopg_wait",
+    "pg3_cursor_reused",
+    "greenpool",
+    "greenpool_acq_rel",
+)
+WARMUP = 300
+
+
+def _case_body(case: str, dsn: str) -> Any:
+    """Build the measured callable (runs in the child, after patching)."""
+    if case.startswith("pg2"):
+        import gevent.lock
+        import psycopg2
+        import psycopg2.pool
+        from psycogreen.gevent import patch_psycopg
+
+        patch_psycopg()
+
+        def q2(conn: Any) -> None:
+            cur = conn.cursor()
+            cur.execute("SELECT 1")
+            cur.fetchall()
+            cur.close()
+
+        if case == "pg2_held":
+            held2 = psycopg2.connect(dsn)
+            held2.autocommit = True
+            return lambda: q2(held2)
+        pool2 = psycopg2.pool.ThreadedConnectionPool(1, 1, dsn)
+        conn2 = pool2.getconn()
+        conn2.autocommit = True
+        pool2.putconn(conn2)
+        sem = gevent.lock.BoundedSemaphore(1)
+
+        def via_pool() -> None:
+            with sem:
+                c = pool2.getconn()
+                try:
+                    q2(c)
+                finally:
+                    pool2.putconn(c)
+
+        return via_pool
+
+    import psycopg
+
+    from greenpool import GreenPool
+
+    if case == "pg3_held_psycopg_wait":
+        os.environ["GREENPOOL_PSYCOPG_WAIT"] = "psycopg"
+    pool = GreenPool(dsn, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False)
+    pool.open(wait=True)  # installs greenpool's wait unless told not to
+    if case == "greenpool":
+
+        def via_greenpool() -> None:
+            with pool.connection() as c:
+                c.execute("SELECT 1").fetchall()
+
+        return via_greenpool
+    if case == "greenpool_acq_rel":
+
+        def acq_rel() -> None:
+            with pool.connection():
+                pass
+
+        return acq_rel
+    held = psycopg.connect(dsn, autocommit=True)
+    if case == "pg3_cursor_reused":
+        cur = held.cursor()
+
+        def reused() -> None:
+            cur.execute("SELECT 1")
+            cur.fetchall()
+
+        return reused
+    return lambda: held.execute("SELECT 1").fetchall()
+
+
+def child(case: str, dsn: str, ops: int) -> None:
+    body = _case_body(case, dsn)
+    for _ in range(WARMUP + ops):
+        body()
+
+
+def _callgrind(case: str, dsn: str, ops: int, workdir: Path) -> int:
+    out = workdir / f"{case}.{ops}.out"
+    cmd = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        "-m",
+        "benchmarks.instructions",
+        "--child",
+        case,
+        "--dsn",
+        dsn,
+        "--ops",
+        str(ops),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"{case}: callgrind run failed:\n{proc.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def measure(dsn: str, ops: int, cases: list[str]) -> dict[str, float]:
+    """Instructions per iteration of each case (thousands)."""
+    per_op: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="greenpool-callgrind-") as tmp:
+        for case in cases:
+            small = _callgrind(case, dsn, ops, Path(tmp))
+            large = _callgrind(case, dsn, 5 * ops, Path(tmp))
+            per_op[case] = (large - small) / (4 * ops) / 1000.0
+            print(f"{case:24s} {per_op[case]:7.1f}k instructions per iteration", flush=True)
+    return per_op
+
+
+def report(k: dict[str, float]) -> str:
+    def ratio(a: str, b: str) -> str:
+        return f"{k[a] / k[b]:.2f}x" if a in k and b in k and k[b] else "-"
+
+    lines = [
+        "| case | k instructions / op | vs psycopg2 same shape |",
+        "|---|---|---|",
+    ]
+    pairs = {
+        "pg2_held": "pg2_held",
+        "pg2_pool": "pg2_pool",
+        "pg3_held": "pg2_held",
+        "pg3_held_psycopg_wait": "pg2_held",
+        "pg3_cursor_reused": "pg2_held",
+        "greenpool": "pg2_pool",
+    }
+    for case, value in k.items():
+        ref = pairs.get(case)
+        lines.append(f"| {case} | {value:.1f} | {ratio(case, ref) if ref else '-'} |")
+    if {"greenpool", "pg3_held", "pg2_pool", "pg2_held"} <= k.keys():
+        lines += [
+            "",
+            f"Pool share (borrow + give back around the query): greenpool "
+            f"{k['greenpool'] - k['pg3_held']:.1f}k, psycopg2's pool + semaphore "
+            f"{k['pg2_pool'] - k['pg2_held']:.1f}k instructions.",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.instructions")
+    ap.add_argument("--dsn", default=None, help="default: start a throwaway cluster")
+    ap.add_argument("--ops", type=int, default=1000)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child, args.dsn, args.ops)
+        return 0
+    if shutil.which("valgrind") is None:
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        ap.error(f"unknown case(s): {', '.join(sorted(unknown))}; known: {', '.join(CASES)}")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    cluster: Any = None
+    dsn = args.dsn
+    if dsn is None:
+        from tests.support.pgcluster import PgCluster
+
+        cluster = PgCluster()
+        cluster.start()
+        dsn = cluster.admin_dsn
+    try:
+        print(report(measure(dsn, args.ops, cases)))
+    finally:
+        if cluster is not None:
+            cluster.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
