@@ -402,7 +402,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
     ap.add_argument("--quick", action="store_true", help="about a minute: CI smoke")
-    ap.add_argument("--rounds", type=int, default=None, help="default: 1 quick, 5 full")
+    ap.add_argument("--rounds", type=int, default=None, help="default: 1 quick, 7 full")
     ap.add_argument("--dsn", default=None, help="use this server instead of a throwaway one")
     ap.add_argument("--out", type=Path, default=None, help="also write the report here")
     ap.add_argument("--contenders", default=None, help="comma-separated keys")
