@@ -170,3 +170,33 @@ def test_kept_timer_ticks_at_psycopg_interval_and_two_waiters_on_one_fd_both_wak
     finally:
         a.close()
         b.close()
+
+
+def test_a_socket_reusing_a_closed_ones_fd_without_a_hub_turn_is_still_watched(
+    conn: object,
+) -> None:
+    # libev would keep believing the old file registered with epoll and never report the
+    # new one: the wait then ticks at its interval forever.
+    def reader(sock: socket.socket) -> Iterator[int]:
+        ready = yield waiting.Wait.R
+        while not ready:
+            ready = yield waiting.Wait.R
+        return int(ready)
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.send(b"1")
+    assert gevent_wait.wait(reader(a), a.fileno(), 0.05) == int(waiting.Ready.R)
+    fileno = a.fileno()
+    a.close()
+    b.close()
+    c, d = socket.socketpair()  # no hub turn since the close
+    try:
+        c.setblocking(False)
+        assert c.fileno() == fileno
+        d.send(b"2")
+        with gevent.Timeout(2, AssertionError("the reused fd was never reported ready")):
+            assert gevent_wait.wait(reader(c), c.fileno(), 0.05) == int(waiting.Ready.R)
+    finally:
+        c.close()
+        d.close()

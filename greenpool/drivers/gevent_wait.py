@@ -118,15 +118,16 @@ class _SocketWatchers:
     """The I/O watcher and interval timer kept for one socket between waits.
 
     Creating and closing a libev watcher per wait costs about as much as the rest of the
-    wait's own bookkeeping. libev tracks fds by number, so a watcher kept after its socket
-    closed is harmless: it is stopped, and a later socket with the same number reuses it.
+    wait's own bookkeeping. libev tracks fds by number, and a later socket may get the
+    number of a closed one without the hub running in between: libev then still believes
+    the fd registered with epoll. Setting the watcher's events before every start (as a
+    fresh watcher's init does) makes libev re-register it, so a kept watcher is safe.
     """
 
-    __slots__ = ("events", "interval", "io", "timer")
+    __slots__ = ("interval", "io", "timer")
 
     def __init__(self, loop: Any, fileno: int, events: int, interval: float) -> None:
         self.io = loop.io(fileno, events)
-        self.events = events
         self.interval = interval
         self.timer = loop.timer(interval, interval) if interval > 0 else None
 
@@ -149,9 +150,7 @@ def _kept_watchers(hub: Any, fileno: int, events: int, interval: float) -> _Sock
 def _wait_kept(hub: Any, kept: _SocketWatchers, fileno: int, events: int) -> int:
     """:func:`_wait_once` with the socket's kept watchers (timer: psycopg's interval)."""
     io = kept.io
-    if kept.events != events:
-        io.events = events
-        kept.events = events
+    io.events = events  # also marks the fd for re-registration: see _SocketWatchers
     timer = kept.timer
     current_switch = getcurrent().switch
     try:
