@@ -574,26 +574,13 @@ class GreenPool:
                 f"putconn: pool {self.name!r} did not lend this object or it was already "
                 f"returned (expected {kind} currently borrowed from this pool)"
             )
+        self._busy += 1
         self._returns_count += 1
         if state is None:
             state = self._driver.state(conn)
         if state is _IDLE and not self._reset_policy.needed:
-            if (  # the common case, inline: straight back to idle, never counted busy
-                not self._waiting
-                and self._state == _OPEN
-                and rec.generation == self._generation
-                and len(self._idle) + len(self._lent) + self._busy + self._constructing
-                < self.settings.max_size - self._closing
-            ):
-                rec.idle_since = monotonic()
-                self._idle.append(rec)
-                if self._returned_event is not None:
-                    self._notify_returned()
-                return
-            self._busy += 1
             self._recycle(rec)
             return
-        self._busy += 1
         try:
             state = self._clean(rec, state)
         except BaseException:
