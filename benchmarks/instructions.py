@@ -11,7 +11,8 @@ user-space instructions only: the kernel's socket work and the server's are not 
 wall-clock suite has them), so it answers "what does the client's Python cost", not "how
 fast". Needs ``valgrind`` on PATH; takes about two minutes.
 
-Cases (all ``SELECT 1``, autocommit, one greenlet, gevent-patched):
+Cases (all ``SELECT 1``, autocommit, one greenlet, gevent-patched), built from the
+suite's own contenders (``benchmarks/contenders.py``) so they run the code it times:
 
 - ``pg2_held`` / ``pg2_pool``: psycopg2 + psycogreen on a held connection / through
   ``ThreadedConnectionPool`` behind a gevent ``BoundedSemaphore`` (as in the suite);
@@ -32,94 +33,63 @@ if __name__ == "__main__" and "--child" in sys.argv:  # measured process: patch 
     monkey.patch_all()
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-CASES = (
-    "pg2_held",
-    "pg2_pool",
-    "pg3_held",
-    "pg3_held_psycopg_wait",
-    "pg3_cursor_reused",
-    "greenpool",
-    "greenpool_acq_rel",
-)
 WARMUP = 300
 
 
-def _case_body(case: str, dsn: str) -> Any:
-    """Build the measured callable (runs in the child, after patching)."""
-    if case.startswith("pg2"):
-        import gevent.lock
-        import psycopg2
-        import psycopg2.pool
-        from psycogreen.gevent import patch_psycopg
+#: case -> (contender key of benchmarks.contenders, what one iteration does).
+_SHAPES = {
+    "pg2_held": ("psycopg2", "held"),
+    "pg2_pool": ("psycopg2", "borrow_query"),
+    "pg3_held": ("greenpool", "held"),
+    "pg3_held_psycopg_wait": ("greenpool_pw", "held"),
+    "pg3_cursor_reused": ("greenpool", "cursor_reused"),
+    "greenpool": ("greenpool", "borrow_query"),
+    "greenpool_acq_rel": ("greenpool", "borrow"),
+}
 
-        patch_psycopg()
 
-        def q2(conn: Any) -> None:
-            cur = conn.cursor()
-            cur.execute("SELECT 1")
-            cur.fetchall()
-            cur.close()
+def _case_body(case: str, dsn: str) -> Callable[[], None]:
+    """The measured callable, built from the suite's own contenders (runs after patching)."""
+    from benchmarks.contenders import make
 
-        if case == "pg2_held":
-            held2 = psycopg2.connect(dsn)
-            held2.autocommit = True
-            return lambda: q2(held2)
-        pool2 = psycopg2.pool.ThreadedConnectionPool(1, 1, dsn)
-        conn2 = pool2.getconn()
-        conn2.autocommit = True
-        pool2.putconn(conn2)
-        sem = gevent.lock.BoundedSemaphore(1)
+    key, shape = _SHAPES[case]
+    c = make(key, dsn, 1, 1)
+    query = c.query
+    if shape == "borrow":
 
-        def via_pool() -> None:
-            with sem:
-                c = pool2.getconn()
-                try:
-                    q2(c)
-                finally:
-                    pool2.putconn(c)
-
-        return via_pool
-
-    import psycopg
-
-    from greenpool import GreenPool
-
-    if case == "pg3_held_psycopg_wait":
-        os.environ["GREENPOOL_PSYCOPG_WAIT"] = "psycopg"
-    pool = GreenPool(dsn, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False)
-    pool.open(wait=True)  # installs greenpool's wait unless told not to
-    if case == "greenpool":
-
-        def via_greenpool() -> None:
-            with pool.connection() as c:
-                c.execute("SELECT 1").fetchall()
-
-        return via_greenpool
-    if case == "greenpool_acq_rel":
-
-        def acq_rel() -> None:
-            with pool.connection():
+        def borrow() -> None:
+            with c.connection():
                 pass
 
-        return acq_rel
-    held = psycopg.connect(dsn, autocommit=True)
-    if case == "pg3_cursor_reused":
-        cur = held.cursor()
+        return borrow
+    if shape == "borrow_query":
+
+        def borrow_query() -> None:
+            with c.connection() as conn:
+                query(conn, "SELECT 1")
+
+        return borrow_query
+    conn = c.connection().__enter__()  # held for the life of this process
+    if shape == "cursor_reused":
+        cur = conn.cursor()
 
         def reused() -> None:
             cur.execute("SELECT 1")
             cur.fetchall()
 
         return reused
-    return lambda: held.execute("SELECT 1").fetchall()
+    return lambda: query(conn, "SELECT 1")
+
+
+CASES = tuple(_SHAPES)
 
 
 def child(case: str, dsn: str, ops: int) -> None:
