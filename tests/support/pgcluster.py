@@ -501,17 +501,31 @@ class PgCluster:
 
     def terminate_backends(self, application_name: str) -> int:
         """pg_terminate_backend() every client backend with this
-        application_name; waits (up to 5 s each) until they are gone.
-        Returns how many were terminated."""
+        application_name, all at once; waits (up to 5 s) until they are gone.
+        Returns how many were terminated.
+
+        pg_terminate_backend(pid, timeout) would wait for each backend in turn, polling
+        every 100 ms: ten backends then die one by one over a second, which is not the
+        "all at once" fault the tests mean.
+        """
         rows = self.execute(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000))"
+            "SELECT coalesce(array_agg(pid) FILTER (WHERE pg_terminate_backend(pid)), '{}')"
             " FROM pg_stat_activity"
             " WHERE backend_type = 'client backend'"
             " AND pid <> pg_backend_pid()"
             " AND application_name = %(app)s::text",
             {"app": application_name},
         )
-        return int(rows[0][0])
+        pids: list[int] = list(rows[0][0])
+        deadline = time.monotonic() + 5.0
+        while True:
+            left = self.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%(pids)s)",
+                {"pids": pids},
+            )[0][0]
+            if not left or time.monotonic() >= deadline:
+                return len(pids) - int(left)
+            time.sleep(0.01)
 
     def active_queries(self, application_name: str | None = None) -> list[ActiveQuery]:
         """Client backends whose state is 'active' (excluding the asking one)."""
