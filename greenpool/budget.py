@@ -142,7 +142,7 @@ def fetch_limits(conninfo: str, timeout: float = 10.0) -> ServerLimits:
         parsed = _ci.split_conninfo(conninfo)
     except ValueError as ex:
         raise BudgetError(str(ex)) from None
-    redact = _ci.Redactor(_ci.secrets_of(parsed.params, {}))
+    redact = _ci.Redactor(_ci.secrets_of(conninfo, parsed.params, {}))
     import psycopg
 
     try:

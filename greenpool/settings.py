@@ -6,8 +6,15 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-MAX_POOL_SIZE = 10_000  # far above any PostgreSQL max_connections a pool could use
+MAX_POOL_SIZE = 1_000  # above any PostgreSQL max_connections one process's pool could use
 MAX_DURATION = 366 * 24 * 3600.0  # a year: anything longer is a typo, not a setting
+# Floors: shorter values would make the pool churn connections (hundreds per second).
+# Largest max_size a conninfo may ask for (pool_max_conns): whoever controls a conninfo
+# (a tenant's database name in a template, say) must not size the pool.
+MAX_CONNINFO_POOL_SIZE = 100
+MIN_LIFETIME = 0.5
+MIN_IDLE_TIME = 0.1
+MIN_HEALTH_CHECK_PERIOD = 0.1
 
 
 @dataclass
@@ -62,9 +69,19 @@ class PoolSettings:
             raise ValueError(f"min_idle: {self.min_idle} is greater than max_size {self.max_size}")
         if self.max_connecting < 1:
             raise ValueError(f"max_connecting: must be at least 1, got {self.max_connecting}")
-        for name in ("max_lifetime", "health_check_period", "ping_timeout", "connect_timeout"):
+        for name in ("ping_timeout", "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be greater than 0, got {getattr(self, name)}")
+        for name, floor in (
+            ("max_lifetime", MIN_LIFETIME),
+            ("max_idle", MIN_IDLE_TIME),
+            ("health_check_period", MIN_HEALTH_CHECK_PERIOD),
+        ):
+            if getattr(self, name) < floor:
+                raise ValueError(
+                    f"{name}: {getattr(self, name):g} s is too short (at least {floor:g} s; "
+                    "shorter values churn connections)"
+                )
         if self.lifetime_jitter() > self.max_lifetime:
             raise ValueError(
                 f"max_lifetime_jitter: {self.lifetime_jitter()} exceeds max_lifetime "
@@ -80,12 +97,23 @@ def _check_int(name: str, value: Any) -> None:
 
 
 def _check_seconds(name: str, value: Any) -> None:
+    seconds(name, value)
+
+
+def seconds(name: str, value: Any) -> float:
+    """Validate a duration argument (a setting or a call's timeout) and return it as float.
+
+    NaN, infinities, negative numbers, booleans, non-numbers and values above a year get
+    a ValueError naming ``name``: a NaN timer corrupts libev's timer heap (no greenlet runs
+    again) and an infinite one waits forever, so neither may reach gevent. Never switches.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}: expected a number of seconds, got {value!r}")
+        raise ValueError(f"{name}: expected a number of seconds, got {type(value).__name__}")
     if math.isnan(value) or value < 0:
         raise ValueError(f"{name}: must be a non-negative number of seconds, got {value}")
     if value > MAX_DURATION:
-        raise ValueError(f"{name}: {value} s is absurd (limit {MAX_DURATION:g} s)")
+        raise ValueError(f"{name}: {value:g} s is absurd (limit {MAX_DURATION:g} s)")
+    return float(value)
 
 
 def build_settings(explicit: dict[str, Any], from_conninfo: dict[str, Any]) -> PoolSettings:
@@ -98,6 +126,13 @@ def build_settings(explicit: dict[str, Any], from_conninfo: dict[str, Any]) -> P
     unknown = set(merged) - known
     if unknown:
         raise ValueError(f"unknown pool setting(s): {', '.join(sorted(unknown))}")
+    for key, param in (("max_size", "pool_max_conns"), ("min_size", "pool_min_conns")):
+        value = from_conninfo.get(key)
+        if explicit.get(key) is None and isinstance(value, int) and value > MAX_CONNINFO_POOL_SIZE:
+            raise ValueError(
+                f"{param}: {value} is above what a conninfo may set ({MAX_CONNINFO_POOL_SIZE}); "
+                f"pass {key}= explicitly"
+            )
     settings = PoolSettings(**merged)
     if "max_size" not in merged and "min_size" in merged:
         _check_int("min_size", settings.min_size)

@@ -26,6 +26,8 @@ class FakeConn:
         self.closed = False
         self.cancelled = False
         self.dead = False  # the "server" dropped it: pings fail
+        self.autocommit = False  # a client-side attribute borrowers may change
+        self.resets = 0  # reset round trips run on it
 
     def __repr__(self) -> str:
         return f"<FakeConn {self.id} {self.state.value}{' closed' if self.closed else ''}>"
@@ -79,6 +81,17 @@ class FakeDriver:
 
     def execute(self, conn: FakeConn, sql: str) -> None:
         gevent.sleep(self.op_delay)
+        conn.resets += 1
+
+    def query(self, conn: FakeConn, sql: str, params: Any = None) -> list[Any]:
+        self.execute(conn, sql)
+        return []
+
+    def client_state(self, conn: FakeConn) -> Any:
+        return conn.autocommit
+
+    def restore_client_state(self, conn: FakeConn, saved: Any) -> None:
+        conn.autocommit = saved
 
     def cancel(self, conn: FakeConn, timeout: float) -> None:
         gevent.sleep(self.op_delay)

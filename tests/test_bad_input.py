@@ -141,7 +141,9 @@ def _connect_failure(env: Env) -> None:
 
 
 _NOT_COOPERATIVE = (
-    "import psycopg\n"  # imported before gevent patches select
+    "import os\n"
+    "os.environ['GREENPOOL_PSYCOPG_WAIT'] = 'psycopg'\n"  # keep psycopg's own wait...
+    "import psycopg\n"  # ...imported before gevent patches select: its C wait stays
     "from gevent import monkey\n"
     "monkey.patch_all()\n"
     "import greenpool\n"
@@ -163,34 +165,34 @@ def _not_cooperative(env: Env) -> None:
 CASES: dict[str, Case] = {
     # --- constructing a pool
     "conninfo-syntax": Case(
-        ValueError, "conninfo: missing '=' after parameter 'port'",
+        ValueError, "conninfo: the parameter after 'host' has no '='",
         lambda e: e.new("host=127.0.0.1 port")),
     "conninfo-quote": Case(
-        ValueError, "conninfo: unterminated quoted value for 'host'",
+        ValueError, "conninfo: unterminated quoted value",
         lambda e: e.new("host='127.0.0.1")),
     "conninfo-libpq": Case(
         ValueError, "conninfo: libpq cannot parse the connection string",
         lambda e: e.new("host=127.0.0.1 no_such_option=1")),
     "conninfo-scheme": Case(
-        ValueError, "conninfo: unsupported URL scheme 'mysql'",
+        ValueError, "conninfo: unsupported URL scheme",
         lambda e: e.new("mysql://app@db/app")),
     "conninfo-url-port": Case(
-        ValueError, "conninfo: the URL's port is not a number",
+        ValueError, "conninfo: port is not a number",
         lambda e: e.new("postgresql://app@db:five/app")),
     "conninfo-type": Case(
         ValueError, "conninfo: expected a string, got bytes",
         lambda e: e.new(b"host=db")),  # type: ignore[arg-type]
     "conninfo-pool-param": Case(
-        ValueError, "unknown pool parameter 'pool_max_size' in conninfo",
+        ValueError, "conninfo: unknown pool parameter 'pool_max_size'",
         lambda e: e.new("host=db pool_max_size=5")),
     "conninfo-pool-value": Case(
-        ValueError, "pool_max_conns: 'ten' is not a whole number",
+        ValueError, "pool_max_conns: not a whole number",
         lambda e: e.new("host=db pool_max_conns=ten")),
     "conninfo-duration": Case(
-        ValueError, "pool_max_conn_lifetime: 'forever' is not a duration",
+        ValueError, "pool_max_conn_lifetime: not a duration",
         lambda e: e.new("host=db pool_max_conn_lifetime=forever")),
     "conninfo-connect-timeout": Case(
-        ValueError, "connect_timeout: 'soon' is not a duration",
+        ValueError, "connect_timeout: not a duration",
         lambda e: e.new("host=db connect_timeout=soon")),
     "unknown-parameter": Case(
         TypeError, "unexpected keyword argument 'max_szie'",
@@ -202,7 +204,7 @@ CASES: dict[str, Case] = {
         ValueError, "min_size: must not be negative, got -1",
         lambda e: e.new(min_size=-1)),
     "size-absurd": Case(
-        ValueError, r"max_size: 1000000 is absurd \(limit 10000\)",
+        ValueError, r"max_size: 1000000 is absurd \(limit 1000\)",
         lambda e: e.new(max_size=1_000_000)),
     "size-float": Case(
         ValueError, "max_size: expected a whole number, got 2.5",
@@ -229,7 +231,7 @@ CASES: dict[str, Case] = {
         ValueError, "timeout: inf s is absurd",
         lambda e: e.new(timeout=math.inf)),
     "timeout-string": Case(
-        ValueError, "timeout: expected a number of seconds, got '5'",
+        ValueError, "timeout: expected a number of seconds, got str",
         lambda e: e.new(timeout="5")),
     "ping-timeout-zero": Case(
         ValueError, "ping_timeout: must be greater than 0, got 0",
@@ -244,7 +246,7 @@ CASES: dict[str, Case] = {
         ValueError, "reset: unknown policy 'clean'",
         lambda e: e.new(reset="clean")),
     "reset-type": Case(
-        ValueError, "reset: expected a policy name, a callable or None, got 42",
+        ValueError, "reset: expected a policy name, a callable or None, got int",
         lambda e: e.new(reset=42)),
     "driver-unknown": Case(
         ValueError, "driver: unknown driver 'mysql'",
@@ -257,7 +259,7 @@ CASES: dict[str, Case] = {
         ValueError, "timeout: must be a non-negative number of seconds, got nan",
         lambda e: e.pool.getconn(timeout=math.nan)),
     "getconn-timeout-string": Case(
-        ValueError, "timeout: must be a non-negative number of seconds, got '1'",
+        ValueError, "timeout: expected a number of seconds, got str",
         lambda e: e.pool.getconn(timeout="1")),
     "putconn-foreign": Case(
         PoolError, "did not lend this object or it was already returned",

@@ -67,7 +67,7 @@ def test_bad_settings_raise_value_error_naming_the_parameter(
         ("host=x pool_max_connections=3", "pool_max_connections"),
         ("host=x pool_max_conn_lifetime=soon", "pool_max_conn_lifetime"),
         ("host=x pool_max_conns=lots", "pool_max_conns"),
-        ("host=x password", "password"),
+        ("host=x password", "parameter after 'host' has no '='"),
         ("mysql://x/y", "scheme"),
         ("host=x bogus_option=1", "conninfo"),
     ],

@@ -17,8 +17,8 @@ from flask import Flask, abort, copy_current_request_context
 from prometheus_client.parser import text_string_to_metric_families
 
 from greenpool import CooperationError, PoolError
+from greenpool.api import GreenPool as CorePool
 from greenpool.flask import GreenPool, stats_blueprint
-from greenpool.pool import GreenPool as CorePool
 
 TABLE = "flask_test_items"
 MakeApp = Callable[..., tuple[Flask, GreenPool]]
@@ -61,7 +61,7 @@ def build_app(db: GreenPool, dsn: str, **config: Any) -> Flask:
     )
     app.config.update(config)
     db.init_app(app)
-    app.register_blueprint(stats_blueprint(), url_prefix="/_greenpool")
+    app.register_blueprint(stats_blueprint(public=True), url_prefix="/_greenpool")
 
     @app.get("/nodb")
     def nodb() -> Any:
@@ -106,7 +106,7 @@ def make_app(dsn: str, table: str) -> Iterator[MakeApp]:
 
     yield factory
     for app, db in made:
-        db.close(app, timeout=1)
+        db.close(timeout=1, app=app)
 
 
 def stats(app: Flask, name: str = "default") -> dict[str, Any]:
@@ -168,8 +168,8 @@ def test_rollback_on_error_status(make_app: MakeApp, dsn: str) -> None:
     assert rows_tagged(dsn, tag) == 0
 
 
-def test_commit_on_teardown_disabled(make_app: MakeApp, dsn: str) -> None:
-    app, db = make_app(GREENPOOL_COMMIT_ON_TEARDOWN=False)
+def test_commit_on_success_disabled(make_app: MakeApp, dsn: str) -> None:
+    app, db = make_app(GREENPOOL_COMMIT_ON_SUCCESS=False)
 
     @app.post("/explicit/<tag>")
     def explicit(tag: str) -> Any:
@@ -383,16 +383,37 @@ def test_named_databases_have_their_own_pools(make_app: MakeApp, dsn: str) -> No
 # ---------------------------------------------------------------------------- process
 
 
-def test_pool_is_recreated_in_a_new_process(make_app: MakeApp) -> None:
-    """A pool is never inherited: the first use after a pid change makes a new one."""
+def test_forked_child_serves_with_its_own_connections(make_app: MakeApp) -> None:
+    """A real fork after the app's pool started: the child's requests use new backends,
+    and the parent's sessions survive the child (nothing was closed or sent on them)."""
+    import os
+
     app, db = make_app()
-    state = app.extensions["greenpool"]
-    parent_pool = db.get_pool(app=app)
-    state._pid = -1  # what a forked child sees
-    child_pool = db.get_pool(app=app)
-    assert child_pool is not parent_pool
-    assert not parent_pool.closed  # the parent's pool is left alone, never closed
-    parent_pool.close()
+
+    @app.get("/pid")
+    def pid() -> Any:
+        return {"pid": db.conn.info.backend_pid}
+
+    client = app.test_client()
+    parent_backend = client.get("/pid").json["pid"]  # type: ignore[index]
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: one request, report its backend, exit without cleanup
+        try:
+            os.close(read_end)
+            response = app.test_client().get("/pid")
+            body = response.json if response.status_code == 200 else None
+            os.write(write_end, str(body["pid"] if body else -response.status_code).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    _, status = os.waitpid(child, 0)
+    with os.fdopen(read_end) as pipe:
+        child_backend = int(pipe.read() or -2)
+    assert status == 0
+    assert child_backend > 0 and child_backend != parent_backend
+    # The parent's idle connection is the same session, still working.
+    assert client.get("/pid").json["pid"] == parent_backend  # type: ignore[index]
 
 
 def test_pools_belong_to_one_thread(make_app: MakeApp) -> None:
@@ -431,7 +452,7 @@ def test_uncooperative_driver_refused_or_warned(
 def test_close_then_reuse(make_app: MakeApp) -> None:
     app, db = make_app()
     first = db.get_pool(app=app)
-    db.close(app)
+    db.close(app=app)
     assert first.closed
     assert stats(app)["started"] is False
     assert app.test_client().get("/db").status_code == 200

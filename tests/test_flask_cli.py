@@ -92,7 +92,7 @@ def test_stats_counts_the_apps_server_connections(
         result = app.test_cli_runner().invoke(args=["greenpool", "stats", "--json"])
         pool.putconn(held)
     finally:
-        db.close(app)
+        db.close(app=app)
     assert result.exit_code == 0, result.output
     entry = json.loads(result.output)["databases"][0]
     assert entry["connections"] == 2  # the command's own connection is not counted

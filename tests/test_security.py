@@ -1,8 +1,10 @@
 """Security and hygiene: session state between borrowers, secrets, TLS pass-through.
 
-- Reset policies (``reset=None | "light" | "discard"``): what one borrower's session
-  leaves behind for the next borrower of the same backend (max_size=1, same pid asserted),
-  and what each policy costs per release (reported to the fault results file).
+- Reset policies (``reset=None | "client" | "light" | "session" | "discard"``, the default
+  being "session"): what one borrower's session leaves behind for the next borrower of the
+  same backend (max_size=1, same pid asserted), client-side attributes, buffered
+  notifications, settings made by ``configure``, and what each policy costs per release
+  (reported to the fault results file).
 - Secrets: the password never shows in logs (DEBUG), reprs, stats or error messages
   (tracebacks included), whatever the way it was given and whatever went wrong.
 - TLS: ``sslmode`` and friends reach libpq unchanged; ``verify-full`` against a private
@@ -55,21 +57,44 @@ SELECT pg_backend_pid(),
        (SELECT count(*) FROM pg_locks
          WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted),
        (SELECT count(*) FROM pg_listening_channels() AS c WHERE c = 'gp_channel'),
-       (SELECT count(*) FROM pg_cursors WHERE name = 'gp_cursor')
+       (SELECT count(*) FROM pg_cursors WHERE name = 'gp_cursor'),
+       pg_temp.gp_lastval_known()
 """
+FIELDS = (
+    "role", "setting", "temp table", "prepared stmt", "advisory lock", "LISTEN", "cursor",
+    "lastval",
+)
 
-# What the next borrower of the same backend sees, per policy.
-#            role        tenant      temp   prepared advisory listen cursor
-EXPECTED: dict[str | None, tuple[str, str, bool, int, int, int, int]] = {
-    None: (APP_USER, "tenant-1", True, 1, 1, 1, 1),
-    "light": ("postgres", "", True, 1, 0, 0, 0),
-    "discard": ("postgres", "", False, 0, 0, 0, 0),
+# What the next borrower of the same backend sees, per policy ("default": none given).
+#            role        tenant      temp   prepared advisory listen cursor lastval
+LEAKED = (APP_USER, "tenant-1", True, 1, 1, 1, 1, True)
+EXPECTED: dict[str | None, tuple[str, str, bool, int, int, int, int, bool]] = {
+    None: LEAKED,
+    "client": LEAKED,
+    "light": ("postgres", "", True, 1, 0, 0, 0, False),
+    "session": ("postgres", "", False, 1, 0, 0, 0, False),
+    "discard": ("postgres", "", False, 0, 0, 0, 0, False),
+    "default": ("postgres", "", False, 1, 0, 0, 0, False),
 }
-FIELDS = ("role", "setting", "temp table", "prepared stmt", "advisory lock", "LISTEN", "cursor")
+POLICIES = list(EXPECTED)
+
+
+def _pool(make_pool: Factory, policy: str | None, **kw: Any) -> GreenPool:
+    if policy == "default":
+        return make_pool(min_size=1, max_size=1, **kw)
+    return make_pool(min_size=1, max_size=1, reset=policy, **kw)
 
 
 def leave_session_state(conn: psycopg.Connection[Any]) -> int:
     """Everything a borrower can leave on its session; returns the backend pid."""
+    conn.execute(f"SET ROLE {APP_USER}")
+    conn.execute(
+        "CREATE FUNCTION pg_temp.gp_lastval_known() RETURNS bool LANGUAGE plpgsql AS "
+        "$$BEGIN PERFORM lastval(); RETURN true; EXCEPTION WHEN others THEN RETURN false; "
+        "END$$"
+    )
+    conn.execute("CREATE TEMP SEQUENCE gp_seq")
+    conn.execute("SELECT nextval('gp_seq')")
     conn.execute("CREATE TEMP TABLE gp_private (secret text)")
     conn.execute("INSERT INTO gp_private VALUES ('tenant-1 data')")
     conn.execute("PREPARE gp_stmt AS SELECT secret FROM gp_private")
@@ -77,49 +102,113 @@ def leave_session_state(conn: psycopg.Connection[Any]) -> int:
     conn.execute("LISTEN gp_channel")
     conn.execute("DECLARE gp_cursor CURSOR WITH HOLD FOR SELECT 1")
     conn.execute("SET app.tenant = 'tenant-1'")
-    conn.execute(f"SET ROLE {APP_USER}")
     return int(conn.info.backend_pid)
 
 
-@pytest.mark.parametrize("policy", [None, "light", "discard"], ids=["none", "light", "discard"])
+@pytest.mark.parametrize("policy", POLICIES, ids=[str(p).lower() for p in POLICIES])
 def test_session_state_seen_by_the_next_borrower(make_pool: Factory, policy: str | None) -> None:
-    pool = make_pool(min_size=1, max_size=1, reset=policy)
+    pool = _pool(make_pool, policy)
     with pool.connection() as conn:  # committed: the SETs, LISTEN and cursor persist
         pid = leave_session_state(conn)
     with pool.connection() as conn:
+        if EXPECTED[policy][2] is False:  # the temp function went with DISCARD TEMP
+            leave_probe_function(conn)
         row = conn.execute(SESSION_PROBE).fetchone()
     assert row is not None
     assert row[0] == pid, "not the same backend: the test proves nothing"
-    seen = (row[1], row[2], bool(row[3]), row[4], row[5], row[6], row[7])
+    seen = (row[1], row[2], bool(row[3]), row[4], row[5], row[6], row[7], row[8])
     assert seen == EXPECTED[policy], dict(zip(FIELDS, seen, strict=True))
 
 
-@pytest.mark.parametrize("policy", [None, "light", "discard"], ids=["none", "light", "discard"])
-def test_client_side_settings_are_kept_by_every_policy(
+def leave_probe_function(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(
+        "CREATE FUNCTION pg_temp.gp_lastval_known() RETURNS bool LANGUAGE plpgsql AS "
+        "$$BEGIN PERFORM lastval(); RETURN true; EXCEPTION WHEN others THEN RETURN false; "
+        "END$$"
+    )
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=[str(p).lower() for p in POLICIES])
+def test_client_side_attributes_are_restored_unless_reset_is_none(
     make_pool: Factory, policy: str | None
 ) -> None:
-    """psycopg attributes live in the client: no server-side reset touches them."""
-    pool = make_pool(min_size=1, max_size=1, reset=policy)
+    """psycopg attributes live in the client, where no server-side reset reaches: the
+    pool puts back what the connection had when it was new (None alone keeps them)."""
+    from psycopg import IsolationLevel
+    from psycopg.rows import dict_row
+
+    pool = _pool(make_pool, policy)
     conn = pool.getconn()
+    pid = conn.info.backend_pid
     conn.autocommit = True
     conn.read_only = True
+    conn.isolation_level = IsolationLevel.SERIALIZABLE
+    conn.row_factory = dict_row  # type: ignore[assignment]
+    conn.prepare_threshold = None
+    conn.add_notice_handler(lambda diag: None)
+    pool.putconn(conn)
+    conn = pool.getconn()
+    assert conn.info.backend_pid == pid, "not the same connection: the test proves nothing"
+    seen = (
+        conn.autocommit,
+        conn.read_only,
+        conn.isolation_level,
+        conn.row_factory is dict_row,
+        conn.prepare_threshold,
+        len(conn._notice_handlers),
+    )
+    pool.putconn(conn)
+    if policy is None:
+        assert seen == (True, True, IsolationLevel.SERIALIZABLE, True, None, 1)
+    else:
+        assert seen == (False, None, None, False, 5, 0)
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_buffered_notifications_do_not_reach_the_next_borrower(
+    make_pool: Factory, admin: PgCluster, driver: str
+) -> None:
+    pool = make_pool(min_size=1, max_size=1, driver=driver)
+    conn = pool.getconn()
+    cur = conn.cursor()
+    cur.execute("LISTEN gp_note")
+    conn.commit()
+    admin.execute("NOTIFY gp_note, 'tenant-1 secret'")
+    cur.execute("SELECT 1")  # the notification arrives with this result and is buffered
+    conn.commit()
+    buffered = list(conn.notifies) if driver == "psycopg2" else list(conn._notifies_backlog)
+    assert buffered, "no notification was buffered: the test proves nothing"
     pool.putconn(conn)
     conn = pool.getconn()
     try:
-        assert conn.autocommit is True and conn.read_only is True
+        left = list(conn.notifies) if driver == "psycopg2" else list(conn._notifies_backlog)
+        assert left == []
     finally:
-        conn.autocommit = False
-        conn.read_only = None
         pool.putconn(conn)
 
 
-@pytest.mark.parametrize("policy", ["light", "discard"])
+def test_settings_made_by_configure_survive_the_reset(make_pool: Factory) -> None:
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SET statement_timeout = '7s'")
+        conn.commit()
+
+    pool = make_pool(min_size=1, max_size=1, configure=configure)
+    with pool.connection() as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("7s",)
+        conn.execute("SET statement_timeout = '1min'")
+        conn.execute("SET work_mem = '77MB'")
+    with pool.connection() as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("7s",)
+        assert conn.execute("SHOW work_mem").fetchone() != ("77MB",)
+
+
+@pytest.mark.parametrize("policy", ["light", "session", "discard"])
 def test_reset_keeps_psycopg_prepared_statement_cache_consistent(
     make_pool: Factory, policy: str
 ) -> None:
     """psycopg prepares a query server-side after 5 executions; DISCARD ALL drops it on
     the server, and psycopg must notice so the next borrower's executions still work."""
-    pool = make_pool(min_size=1, max_size=1, reset=policy)
+    pool = _pool(make_pool, policy)
     query = "SELECT %s::int + 1"
     pids = []
     for _borrower in range(2):
@@ -138,7 +227,7 @@ def test_reset_keeps_psycopg_prepared_statement_cache_consistent(
 def test_reset_cost_per_release(make_pool: Factory) -> None:
     rounds = 300
     figures: dict[str, dict[str, float]] = {}
-    for policy in (None, "light", "discard"):
+    for policy in (None, "client", "light", "session", "discard"):
         pool = make_pool(min_size=1, max_size=1, reset=policy)
         pool.putconn(pool.getconn())  # warm
         samples = []
@@ -155,11 +244,12 @@ def test_reset_cost_per_release(make_pool: Factory) -> None:
         }
         pool.close()
     assert figures["none"]["p50_us"] < figures["light"]["p50_us"]
+    assert figures["none"]["p50_us"] < figures["session"]["p50_us"]
     assert figures["none"]["p50_us"] < figures["discard"]["p50_us"]
     record_result(
         "reset cost per release",
         {"rounds": rounds, "loopback": True, **figures},
-        guarantee="reset=None/light/discard clear what RELIABILITY.md lists",
+        guarantee="each reset policy clears what RELIABILITY.md lists",
         headline=", ".join(f"{k} {v['p50_us']:.0f} µs" for k, v in figures.items())
         + " per release (p50, loopback)",
         rerun="python -m pytest -q tests/test_security.py::test_reset_cost_per_release -s",

@@ -4,21 +4,37 @@
 Configuration: ``DATABASE_URL`` plus any ``FLASK_GREENPOOL_*`` environment variable
 (``FLASK_GREENPOOL_MAX_SIZE=4`` sets ``GREENPOOL_MAX_SIZE``), or a mapping passed to
 ``create_app``. ``REPORTING_DATABASE_URL`` points the ``reporting`` bind at a replica;
-without it the bind uses the primary through read-only sessions.
+without it the bind uses the primary through read-only sessions. The pool statistics
+(``/_greenpool/stats``, ``/_greenpool/metrics``) answer loopback clients only, or those
+sending ``X-Stats-Token`` equal to ``STATS_TOKEN`` (``FLASK_STATS_TOKEN``).
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import click
-from flask import Flask
+from flask import Flask, current_app, request
 
-from greenpool.flask import GreenPool, stats_blueprint
+from greenpool import GreenPool
+from greenpool.flask import stats_blueprint
 
 db = GreenPool()
+
+_LOOPBACK = ("127.0.0.1", "::1")
+
+
+def stats_allowed() -> bool:
+    """Who may read /_greenpool/stats and /metrics: clients on this machine (the demo, a
+    local Prometheus agent), or whoever sends ``X-Stats-Token`` equal to STATS_TOKEN."""
+    token = current_app.config.get("STATS_TOKEN")
+    sent = request.headers.get("X-Stats-Token", "")
+    if token and hmac.compare_digest(sent.encode(), str(token).encode()):
+        return True
+    return request.remote_addr in _LOOPBACK
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -51,7 +67,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from examples.flask_app.views import bp
 
     app.register_blueprint(bp)
-    app.register_blueprint(stats_blueprint(), url_prefix="/_greenpool")
+    app.register_blueprint(stats_blueprint(authorize=stats_allowed), url_prefix="/_greenpool")
 
     @app.cli.command("init-db")
     @click.option("--accounts", default=1000, show_default=True, help="Accounts to seed.")

@@ -52,6 +52,17 @@ class Driver(Protocol):
     def execute(self, conn: Any, sql: str) -> None:
         """Run a statement outside any transaction (used by reset policies)."""
 
+    def query(self, conn: Any, sql: str, params: Any = None) -> list[Any]:
+        """Run one statement outside any transaction and return its rows."""
+
+    def client_state(self, conn: Any) -> Any:
+        """A snapshot of the client-side attributes a borrower may change (autocommit,
+        read_only, isolation level, row factory ...), taken when the connection is new."""
+
+    def restore_client_state(self, conn: Any, saved: Any) -> None:
+        """Put back what :meth:`client_state` saw, and drop buffered notifications and
+        notices, so nothing client-side crosses from one borrower to the next. No I/O."""
+
     def cancel(self, conn: Any, timeout: float) -> None:
         """Ask the server to cancel the query in flight, cooperatively; best effort."""
 

@@ -11,16 +11,20 @@ from typing import Any
 
 import gevent
 
+from greenpool.cooperation import gevent_patched
 from greenpool.drivers.base import ConnState
-from greenpool.drivers.psycopg3 import _gevent_patched
+from greenpool.drivers.common import LibpqDriver
 
 
-class Psycopg2Driver:
+class Psycopg2Driver(LibpqDriver):
     """Driver adapter for psycopg2 (``driver="psycopg2"``)."""
 
     name = "psycopg2"
+    PING_SQL = "SELECT 1"
+    CLIENT_ATTRS = ("autocommit", "readonly", "isolation_level", "deferrable", "cursor_factory")
 
     def __init__(self) -> None:
+        super().__init__()
         try:
             import psycopg2
             import psycopg2.extensions as ext
@@ -58,7 +62,7 @@ class Psycopg2Driver:
 
     def cooperation_problems(self) -> list[str]:
         problems = []
-        if not _gevent_patched("socket"):
+        if not gevent_patched("socket"):
             problems.append(
                 "gevent has not monkey-patched socket: call gevent.monkey.patch_all() first"
             )
@@ -78,53 +82,27 @@ class Psycopg2Driver:
                 "check its key=value pairs or URL syntax"
             ) from None
 
-    def connect(self, conninfo: str, kwargs: dict[str, Any], timeout: float) -> Any:
-        with gevent.Timeout(timeout, TimeoutError(f"connect timed out after {timeout:g} s")):
-            return self._psycopg2.connect(conninfo, **kwargs)
+    def _open(self, conninfo: str, kwargs: dict[str, Any]) -> Any:
+        return self._psycopg2.connect(conninfo, **kwargs)
+
+    def _run(self, conn: Any, sql: str, params: Any = None) -> list[Any]:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return list(cur.fetchall()) if cur.description is not None else []
+
+    def _drop_buffered(self, conn: Any) -> None:
+        if conn.notifies:
+            del conn.notifies[:]
+        if conn.notices:
+            del conn.notices[:]
 
     def state(self, conn: Any) -> ConnState:
         if conn.closed:
             return ConnState.BROKEN
         return self._status.get(conn.info.transaction_status, ConnState.BROKEN)
 
-    def ping(self, conn: Any) -> None:
-        was = conn.autocommit
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT 1")
-        finally:
-            if not conn.closed:
-                conn.autocommit = was
-
-    def commit(self, conn: Any) -> None:
-        conn.commit()
-
-    def rollback(self, conn: Any) -> None:
-        conn.rollback()
-
-    def execute(self, conn: Any, sql: str) -> None:
-        was = conn.autocommit
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql)
-        finally:
-            if not conn.closed:
-                conn.autocommit = was
-
     def cancel(self, conn: Any, timeout: float) -> None:
         _cancel_cooperatively(conn, timeout)
-
-    def close(self, conn: Any) -> None:
-        with contextlib.suppress(Exception):
-            conn.close()
-
-    def backend_pid(self, conn: Any) -> int | None:
-        try:
-            return int(conn.info.backend_pid)
-        except Exception:
-            return None
 
     def is_connection(self, obj: Any) -> bool:
         return isinstance(obj, self._psycopg2.extensions.connection)

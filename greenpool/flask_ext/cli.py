@@ -20,11 +20,11 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from greenpool.api import GreenPool
 from greenpool.cooperation import cooperation_problems
 from greenpool.errors import PoolError
 from greenpool.flask_ext.config import DatabaseConfig
 from greenpool.flask_ext.state import AppState
-from greenpool.pool import GreenPool as CorePool
 
 greenpool_cli = AppGroup("greenpool", help="Check the databases of this app's greenpool pools.")
 
@@ -59,9 +59,9 @@ def _quiet() -> Iterator[None]:
 def _probe(db: DatabaseConfig, timeout: float) -> Iterator[Any]:
     """One connection to ``db`` through a throwaway one-connection pool."""
     kwargs = db.pool_kwargs()
-    kwargs.update(min_size=1, max_size=1, min_idle=0, name=f"{db.pool_name}-cli")
+    kwargs.update(min_size=1, max_size=1, min_idle=0, name=f"{db.pool_name}-cli", open=False)
     with _quiet():
-        pool = CorePool(db.conninfo, **kwargs)
+        pool: GreenPool[Any] = GreenPool(db.conninfo, **kwargs)
         try:
             pool.open(wait=True, timeout=timeout)
             with pool.connection(timeout) as conn:

@@ -1,22 +1,24 @@
 """Reading and validating the ``GREENPOOL_*`` keys of a Flask ``app.config``.
 
-Everything is checked when ``init_app`` runs, without connecting and without importing a
-database driver (so ``--preload`` never imports psycopg before gevent patches): unknown
-keys, wrong types, out-of-range sizes and unparsable conninfos raise :class:`ConfigError`
-naming the offending key.
+Everything is checked when ``init_app`` runs, without connecting: unknown keys, wrong
+types, out-of-range sizes and conninfos libpq would refuse (bad syntax, unknown keywords:
+libpq's own parser reads them) raise :class:`ConfigError` naming the offending key, never
+quoting a value. Values are never echoed (a conninfo or bind may carry a password).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from greenpool import conninfo as _ci
-from greenpool.reset import get_reset_policy
+from greenpool.errors import PoolError
 from greenpool.settings import PoolSettings, build_settings
+from greenpool.vetting import get_reset_policy
 
 PREFIX = "GREENPOOL_"
 DEFAULT = "default"  # display name of the database configured at the top level
@@ -33,18 +35,21 @@ INHERITED = (*POOL_SETTINGS, "driver", "configure", "check", "reset", "reconnect
 #: Keys that only make sense at the top level.
 EXTENSION_KEYS = (
     "binds",
-    "commit_on_teardown",
+    "commit_on_success",
     "require_cooperation",
     "retry_after",
     "handle_exhaustion",
 )
+#: Keys that were renamed: old -> new.
+RENAMED = {"commit_on_teardown": "commit_on_success"}
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 _TOP_LEVEL = (*POOL_SETTINGS, *DATABASE_KEYS, "reconnect_failed", *EXTENSION_KEYS)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-class ConfigError(ValueError):
+class ConfigError(PoolError, ValueError):
     """The Flask configuration of greenpool is invalid; the message names the key."""
 
 
@@ -63,13 +68,18 @@ class DatabaseConfig:
     reset: Callable[[Any], None] | str | None = None
     reconnect_failed: Callable[[Any], None] | None = None
 
+    def __repr__(self) -> str:
+        # Never the conninfo or kwargs: they may carry a password, and this object is a
+        # local in request-path frames that error reporters record.
+        return f"<DatabaseConfig {self.label!r} pool={self.pool_name!r} {self.describe()}>"
+
     @property
     def label(self) -> str:
         """``default`` or the bind name."""
         return self.key or DEFAULT
 
     def pool_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`greenpool.GreenPool` (never opened here)."""
+        """Keyword arguments for :class:`greenpool.GreenPool` / :func:`greenpool.get_pool`."""
         return {
             **self.settings,
             "driver": self.driver,
@@ -79,7 +89,6 @@ class DatabaseConfig:
             "check": self.check,
             "reset": self.reset,
             "reconnect_failed": self.reconnect_failed,
-            "open": False,
         }
 
     def effective_settings(self) -> PoolSettings:
@@ -98,7 +107,7 @@ class DatabaseConfig:
 class ExtensionOptions:
     """Request-level behaviour of the extension."""
 
-    commit_on_teardown: bool = True
+    commit_on_success: bool = True  # commit in after_request when the status is < 400
     require_cooperation: bool | None = None  # None: "auto", see docs/flask.md
     retry_after: int = 1
     handle_exhaustion: bool = True
@@ -110,16 +119,23 @@ class ParsedConfig:
 
     databases: dict[str | None, DatabaseConfig]
     options: ExtensionOptions
+    top: dict[str, Any]  # top-level settings, inherited by databases added later
+    base_name: str  # prefix of pool names
 
 
 # ---------------------------------------------------------------------------- coercion
 
 
+_INT = re.compile(r"-?[0-9]{1,9}")
+
+
 def _as_int(label: str, value: Any) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
+    if isinstance(value, str):
+        if _INT.fullmatch(value.strip()):
+            return int(value.strip())
+        raise ConfigError(f"{label}: expected a whole number of at most 9 ASCII digits")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{label}: expected a whole number, got {value!r}")
+        raise ConfigError(f"{label}: expected a whole number, got {type(value).__name__}")
     return value
 
 
@@ -130,7 +146,9 @@ def _as_seconds(label: str, value: Any) -> float:
         except ValueError as ex:
             raise ConfigError(str(ex)) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{label}: expected seconds or a duration like '30s', got {value!r}")
+        raise ConfigError(
+            f"{label}: expected seconds or a duration like '30s', got {type(value).__name__}"
+        )
     return float(value)
 
 
@@ -139,7 +157,7 @@ def _as_bool(label: str, value: Any) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise ConfigError(f"{label}: expected true or false, got {value!r}")
+    raise ConfigError(f"{label}: expected true or false")
 
 
 def _as_tristate(label: str, value: Any) -> bool | None:
@@ -196,7 +214,7 @@ def _database(
     driver = raw.get("driver") or "psycopg"
     if driver not in KNOWN_DRIVERS and not hasattr(driver, "connect"):
         raise ConfigError(
-            f"{labels('driver')}: unknown driver {driver!r} (use 'psycopg' or 'psycopg2')"
+            f"{labels('driver')}: unknown driver (use 'psycopg' or 'psycopg2')"
         )
     kwargs = raw.get("kwargs") or {}
     if not isinstance(kwargs, Mapping):
@@ -204,14 +222,16 @@ def _database(
     for name in DATABASE_CALLBACKS:
         value = raw.get(name)
         if value is not None and not callable(value):
-            raise ConfigError(f"{labels(name)}: expected a callable, got {value!r}")
+            raise ConfigError(f"{labels(name)}: expected a callable, got {type(value).__name__}")
     try:
         get_reset_policy(raw.get("reset"))
     except ValueError as ex:
         raise ConfigError(f"{labels('reset')}: {str(ex).partition(': ')[2] or ex}") from None
     name = raw.get("name") or pool_name
-    if not isinstance(name, str):
-        raise ConfigError(f"{labels('name')}: expected a string, got {name!r}")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"{labels('name')}: a pool name must be 1-63 ASCII letters, digits, '_', '.' or '-'"
+        )
     return DatabaseConfig(
         key=key,
         conninfo=conninfo,
@@ -226,51 +246,66 @@ def _database(
     )
 
 
-def _binds(value: Any, top: Mapping[str, Any], base_name: str) -> dict[str | None, DatabaseConfig]:
+def database_from(
+    bind: Any, spec: Any, top: Mapping[str, Any], base_name: str
+) -> DatabaseConfig:
+    """A named database (a bind, or one added at run time) from its settings or its
+    conninfo, inheriting what the top level sets and it does not."""
     label = PREFIX + "BINDS"
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{label}: expected a dict of name -> settings, got {value!r}")
-    result: dict[str | None, DatabaseConfig] = {}
+    if not isinstance(bind, str) or not _NAME.fullmatch(bind) or bind == DEFAULT:
+        raise ConfigError(
+            f"{label}: a bind name must be 1-63 ASCII letters, digits, '_', '.' or '-' "
+            f"(and not {DEFAULT!r})"
+        )
+    labels = _Labels(bind)
+    if isinstance(spec, str):
+        spec = {"conninfo": spec}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{label}[{bind!r}]: expected a dict of settings or a conninfo")
     known = (*POOL_SETTINGS, *DATABASE_KEYS, "reconnect_failed")
-    for bind, spec in value.items():
-        if not isinstance(bind, str) or not bind or bind == DEFAULT:
-            raise ConfigError(f"{label}: {bind!r} is not a usable bind name")
-        labels = _Labels(bind)
-        if isinstance(spec, str):
-            spec = {"conninfo": spec}
-        if not isinstance(spec, Mapping):
-            raise ConfigError(f"{label}[{bind!r}]: expected a dict of settings or a conninfo")
-        for key in spec:
-            if key not in known:
-                raise _unknown(labels(key), str(key), known)
-        if "conninfo" not in spec:
-            raise ConfigError(f"{labels('conninfo')}: every bind needs a conninfo")
-        merged = {k: top[k] for k in INHERITED if top.get(k) is not None}
-        merged.update({k: v for k, v in spec.items() if v is not None})
-        result[bind] = _database(bind, merged, f"{base_name}-{bind}", labels)
-    return result
+    for key in spec:
+        if key not in known:
+            raise _unknown(labels(key), str(key), known)
+    if "conninfo" not in spec:
+        raise ConfigError(f"{labels('conninfo')}: every bind needs a conninfo")
+    merged = {k: top[k] for k in INHERITED if top.get(k) is not None}
+    merged.update({k: v for k, v in spec.items() if v is not None})
+    return _database(bind, merged, f"{base_name}-{bind}"[:63], labels)
+
+
+def _binds(value: Any, top: Mapping[str, Any], base_name: str) -> dict[str | None, DatabaseConfig]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{PREFIX}BINDS: expected a dict of name -> settings, got {type(value).__name__}"
+        )
+    return {bind: database_from(bind, spec, top, base_name) for bind, spec in value.items()}
 
 
 # ---------------------------------------------------------------------------- entry point
 
 
-def parse_config(config: Mapping[str, Any], app_name: str) -> ParsedConfig:
-    """Validate ``app.config`` and return the databases and options it configures."""
+def parse_config(
+    config: Mapping[str, Any], app_name: str, own_pool: str | None = None
+) -> ParsedConfig:
+    """Validate ``app.config`` and return the databases and options it configures.
+
+    ``own_pool`` is the name of the pool the extension object is itself (created with a
+    conninfo): it then serves the default database, which the config must not set."""
     top: dict[str, Any] = {}
     for full_key, value in config.items():
         if not isinstance(full_key, str) or not full_key.startswith(PREFIX):
             continue
         key = full_key[len(PREFIX) :].lower()
+        if key in RENAMED:
+            raise ConfigError(f"{full_key} was renamed {PREFIX}{RENAMED[key].upper()}")
         if key not in _TOP_LEVEL:
             known = tuple(PREFIX + k.upper() for k in _TOP_LEVEL)
             raise _unknown(full_key, full_key, known)
         top[key] = value
 
     options = ExtensionOptions()
-    if "commit_on_teardown" in top:
-        options.commit_on_teardown = _as_bool(
-            PREFIX + "COMMIT_ON_TEARDOWN", top["commit_on_teardown"]
-        )
+    if "commit_on_success" in top:
+        options.commit_on_success = _as_bool(PREFIX + "COMMIT_ON_SUCCESS", top["commit_on_success"])
     if "handle_exhaustion" in top:
         options.handle_exhaustion = _as_bool(PREFIX + "HANDLE_EXHAUSTION", top["handle_exhaustion"])
     if "require_cooperation" in top:
@@ -282,20 +317,31 @@ def parse_config(config: Mapping[str, Any], app_name: str) -> ParsedConfig:
         if options.retry_after < 0:
             raise ConfigError(f"{PREFIX}RETRY_AFTER: must not be negative")
 
-    base_name = top.get("name") or app_name
+    name = top.get("name")
+    if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
+        raise ConfigError(
+            f"{PREFIX}NAME: a pool name must be 1-63 ASCII letters, digits, '_', '.' or '-'"
+        )
+    base_name = name or (re.sub(r"[^A-Za-z0-9_.-]", "_", app_name)[:50] or "app")
     databases: dict[str | None, DatabaseConfig] = {}
     conninfo = top.get("conninfo")
-    if conninfo is None:
+    if own_pool is not None:
+        if conninfo is not None:
+            raise ConfigError(
+                f"{PREFIX}CONNINFO: the extension object is the pool {own_pool!r}, created "
+                "with its own conninfo; remove the key, or create GreenPool() without one"
+            )
+    elif conninfo is None:
         conninfo = config.get("DATABASE_URL")
-    if conninfo is not None:
+    if conninfo is not None and own_pool is None:
         raw = {**top, "conninfo": conninfo}
         databases[None] = _database(None, raw, base_name, _Labels(None))
     if top.get("binds"):
         databases.update(_binds(top["binds"], top, base_name))
-    if not databases:
+    if not databases and own_pool is None:
         raise ConfigError(
             f"{PREFIX}CONNINFO: no database configured; set {PREFIX}CONNINFO or DATABASE_URL "
             "(an empty string uses libpq's PG* environment variables) or "
             f"{PREFIX}BINDS"
         )
-    return ParsedConfig(databases, options)
+    return ParsedConfig(databases, options, top, base_name)

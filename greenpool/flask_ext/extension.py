@@ -1,154 +1,176 @@
-"""The Flask extension class: ``db = GreenPool(); db.init_app(app)``."""
+"""``db = GreenPool(); db.init_app(app)``: the Flask extension.
+
+``init_app`` validates ``app.config`` (see :mod:`greenpool.flask_ext.config`), stores the
+app's state in ``app.extensions["greenpool"]`` (never the app on the extension object),
+installs the request hooks and the ``flask greenpool`` commands, and makes the object a
+Flask-aware pool:
+
+- created without a conninfo (``GreenPool()``), it becomes a *handle*: each app's
+  databases are served by pools from the process registry, created on first use in each
+  process; pool methods (``connection()``, ``getconn()``, ``stats()`` ...) act on the
+  current app's default database. One handle can serve several apps (tests, app
+  factories).
+- created with a conninfo (``GreenPool("postgresql://...")``), it stays that pool and is
+  the app's default database; binds come from ``GREENPOOL_BINDS``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+import weakref
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask, current_app, has_request_context
-from gevent import getcurrent
+from flask import Flask, has_app_context
 
-from greenpool.errors import CooperationError, PoolTimeout, TooManyRequests
-from greenpool.flask_ext import hooks
+from greenpool.api import GreenPool
+from greenpool.errors import PoolError, PoolTimeout, TooManyRequests
+from greenpool.flask_ext import request as req
 from greenpool.flask_ext.config import parse_config
 from greenpool.flask_ext.state import AppState
-from greenpool.pool import GreenPool as CorePool
+from greenpool.pool import NEW, Connection
 
-EXTENSION_KEY = "greenpool"
+if TYPE_CHECKING:
+    from greenpool.flask_ext.config import DatabaseConfig
+
+EXTENSION_KEY = req.EXTENSION_KEY
 
 
-class FlaskGreenPool:
-    """Flask extension giving each request a pooled PostgreSQL connection.
+def init_app(db: GreenPool[Any], app: Flask) -> None:
+    """See :meth:`greenpool.GreenPool.init_app`. No connection is opened here."""
+    if EXTENSION_KEY in app.extensions:
+        raise RuntimeError(
+            f"greenpool is already registered on app {app.name!r}: create one GreenPool "
+            "extension per app and call init_app() once"
+        )
+    is_handle = isinstance(db, FlaskHandle) or (
+        db._state == NEW and not db.target.conninfo and not db._kwargs
+    )
+    own_pool = None if is_handle else db
+    parsed = parse_config(app.config, app.name, own_pool.name if own_pool is not None else None)
+    app.extensions[EXTENSION_KEY] = AppState(app.name, parsed, own_pool)
+    app.before_request(req.mark_owner)
+    app.after_request(req.commit_on_success)
+    app.teardown_request(req.release_connections)
+    if parsed.options.handle_exhaustion:
+        app.register_error_handler(PoolTimeout, req.exhausted)
+        app.register_error_handler(TooManyRequests, req.exhausted)
+    from greenpool.flask_ext.cli import greenpool_cli
 
-    Use ``GreenPool(app)`` or, with an app factory, ``db = GreenPool()`` then
-    ``db.init_app(app)``. Configuration comes from ``app.config`` (``GREENPOOL_CONNINFO``
-    or ``DATABASE_URL``, ``GREENPOOL_MAX_SIZE``, ``GREENPOOL_BINDS`` ...; see
-    docs/flask.md). The extension object stores no app: its state lives in
-    ``app.extensions["greenpool"]``, so one object can serve several apps.
+    app.cli.add_command(greenpool_cli)
+    if not isinstance(db, FlaskPool):
+        db.__class__ = FlaskHandle if is_handle else FlaskPool
+        db._app_states = weakref.WeakSet()  # type: ignore[attr-defined]
+    db._app_states.add(app.extensions[EXTENSION_KEY])  # type: ignore[attr-defined]
 
-    Inside a request use :attr:`conn` (or :meth:`get_conn` for a named database): the
-    connection is borrowed on first use and given back when the request ends, committed
-    if the response is a success and rolled back otherwise. In spawned greenlets, CLI
-    commands and background jobs use ``with db.connection() as conn:`` instead.
-    """
 
-    def __init__(self, app: Flask | None = None) -> None:
-        if app is not None:
-            self.init_app(app)
+def pool_of(db: GreenPool[Any], name: str | None, app: Flask | None) -> GreenPool[Any]:
+    """The pool serving database ``name`` of ``app`` (default: the current app)."""
+    if not isinstance(db, FlaskPool):
+        raise PoolError("a database name or app needs db.init_app(app) first")
+    return req.state_of(app).pool(name)
 
-    def init_app(self, app: Flask) -> None:
-        """Validate the app's configuration and install the request hooks.
 
-        No connection is opened here: each process opens its pools on first use.
-        """
-        if EXTENSION_KEY in app.extensions:
-            raise RuntimeError(
-                f"greenpool is already registered on app {app.name!r}: create one GreenPool "
-                "extension per app and call init_app() once"
-            )
-        parsed = parse_config(app.config, app.name)
-        app.extensions[EXTENSION_KEY] = AppState(app.name, parsed.databases, parsed.options)
-        app.before_request(hooks.mark_owner)
-        app.after_request(hooks.commit_on_success)
-        app.teardown_request(hooks.release_connections)
-        if parsed.options.handle_exhaustion:
-            app.register_error_handler(PoolTimeout, hooks.exhausted)
-            app.register_error_handler(TooManyRequests, hooks.exhausted)
-        from greenpool.flask_ext.cli import greenpool_cli
+class FlaskPool(GreenPool[Any]):
+    """A pool that also serves a Flask app's requests (``db.conn``). Internal: objects
+    become one through ``init_app``; ``isinstance(db, greenpool.GreenPool)`` holds."""
 
-        app.cli.add_command(greenpool_cli)
+    @property
+    def conn(self) -> Any:
+        """The current request's connection to the default database (see
+        :meth:`greenpool.GreenPool.conn`)."""
+        return req.request_conn(self, None)
 
-    # ------------------------------------------------------------------ state
+    def get_conn(self, name: str | None = None) -> Any:
+        return req.request_conn(self, name)
+
+    def release(self) -> None:
+        req.release_early(self)
 
     @staticmethod
     def state(app: Flask | None = None) -> AppState:
         """The extension state of ``app`` (default: the current app)."""
-        target = app if app is not None else current_app
-        try:
-            state: AppState = target.extensions[EXTENSION_KEY]
-        except KeyError:
+        return req.state_of(app)
+
+    def get_pool(self, name: str | None = None, app: Flask | None = None) -> GreenPool[Any]:
+        """The open pool of database ``name`` (None: the default) of ``app`` (default:
+        the current app) in this process, opened on first use."""
+        return req.state_of(app).pool(name)
+
+    def add_database(
+        self, name: str, conninfo: str, *, app: Flask | None = None, **settings: Any
+    ) -> DatabaseConfig:
+        """Configure a named database at run time (one database per tenant, say), with the
+        app's top-level ``GREENPOOL_*`` settings as defaults; ``db.get_conn(name)`` and
+        ``db.connection(name=name)`` then use it. Nothing connects until it is used."""
+        return req.state_of(app).add_database(name, conninfo, **settings)
+
+    def app_stats(self, app: Flask | None = None, *, errors: bool = True) -> dict[str, Any]:
+        """Stats of every database of ``app`` in this process (unstarted ones included)."""
+        return req.state_of(app).snapshot(errors=errors)
+
+    def close_app(self, app: Flask | None = None, timeout: float = 5.0) -> None:
+        """Close this process's pools of ``app`` (using them again opens new ones)."""
+        req.state_of(app).close(timeout)
+
+
+class FlaskHandle(FlaskPool):
+    """``GreenPool()`` after ``init_app``: pool methods act on the current app's default
+    database, whose pool comes from the registry (see the module docstring)."""
+
+    def _default(self) -> GreenPool[Any]:
+        if not has_app_context():
             raise RuntimeError(
-                f"greenpool is not registered on app {target.name!r}: call db.init_app(app)"
-            ) from None
-        return state
+                "this GreenPool serves Flask apps (init_app): use it inside an app context, "
+                "or pass app= (db.connection(app=app)); or db.get_pool(app=app)"
+            )
+        return req.state_of(None).pool(None)
 
-    def get_pool(self, name: str | None = None, app: Flask | None = None) -> CorePool:
-        """The core pool of database ``name`` (None: the default) in this process.
-
-        It is created and opened on first use in each process, never inherited from a
-        parent process.
-        """
-        return self.state(app).get_pool(name)
-
-    # ------------------------------------------------------------------ borrowing
+    def __repr__(self) -> str:
+        return "<GreenPool (Flask extension; pools per app and process)>"
 
     @property
-    def conn(self) -> Any:
-        """The current request's connection to the default database."""
-        return self.get_conn(None)
+    def closed(self) -> bool:
+        return False
 
-    def get_conn(self, name: str | None = None) -> Any:
-        """The current request's connection to database ``name`` (borrowed on first use).
+    def getconn(self, timeout: float | None = None) -> Any:
+        return self._default().getconn(timeout)
 
-        Only the request's own greenlet may use it; other greenlets and code outside a
-        request use :meth:`connection`.
-        """
-        if not has_request_context():
-            raise RuntimeError(
-                "db.conn is a per-request connection and there is no request here; "
-                "use `with db.connection() as conn:` in CLI commands and background jobs"
-            )
-        hooks.check_owner()
-        table = hooks.borrowed_table()
-        borrowed = table.get(name)
-        if borrowed is not None:
-            if borrowed.greenlet is not getcurrent():  # g shared with another greenlet
-                raise RuntimeError(
-                    "db.conn belongs to the greenlet serving the request; another greenlet "
-                    "must use `with db.connection() as conn:`"
-                )
-            return borrowed.conn
-        state = self.state()
-        pool = state.get_pool(name)
-        conn = pool.getconn()
-        table[name] = hooks.Borrowed(name, pool, conn, getcurrent(), state)
-        state.note_acquired(name)
-        return conn
+    def putconn(self, conn: Any) -> None:
+        self._default().putconn(conn)
 
-    @contextmanager
     def connection(
-        self, name: str | None = None, timeout: float | None = None, app: Flask | None = None
-    ) -> Iterator[Any]:
-        """Borrow a connection for a block: committed on success, rolled back on error.
+        self, timeout: float | None = None, *, name: str | None = None, app: Flask | None = None
+    ) -> Connection[Any]:
+        return req.state_of(app).pool(name).connection(timeout)
 
-        Works anywhere the app is known (an app context, or ``app=``): in greenlets
-        spawned by a request, CLI commands, background jobs.
-        """
-        state = self.state(app)
-        pool = state.get_pool(name)
-        with pool.connection(timeout) as conn:
-            state.note_acquired(name)
-            try:
-                yield conn
-            finally:
-                state.note_released(name)
+    def stats(self) -> dict[str, Any]:
+        return self._default().stats()
 
-    # ------------------------------------------------------------------ operations
+    def check(self) -> int:
+        return self._default().check()
 
-    def stats(self, app: Flask | None = None) -> dict[str, Any]:
-        """Stats of this process's pools (configured but unstarted ones included)."""
-        return self.state(app).snapshot()
+    def resize(self, min_size: int, max_size: int | None = None) -> None:
+        self._default().resize(min_size, max_size)
 
-    def check_cooperation(self, app: Flask | None = None) -> None:
-        """Raise CooperationError if any configured driver would block the hub.
+    def reconnect_all(self) -> None:
+        self._default().reconnect_all()
 
-        Meant for gunicorn's ``post_worker_init`` hook (after the worker patched).
-        """
-        problems = self.state(app).cooperation_problems()
-        if problems:
-            raise CooperationError("; ".join(problems))
+    def drain(self, timeout: float = 30.0, *, conninfo: str | None = None) -> None:
+        self._default().drain(timeout, conninfo=conninfo)
 
-    def close(self, app: Flask | None = None, timeout: float = 5.0) -> None:
-        """Close this process's pools of ``app``; using them again opens new ones."""
-        self.state(app).close(timeout)
+    def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+        pool = self._default()
+        if wait:
+            pool.wait(timeout)
+
+    def wait(self, timeout: float = 30.0) -> None:
+        self._default().wait(timeout)
+
+    def close(self, timeout: float = 5.0, *, app: Flask | None = None) -> None:
+        """Close this process's pools of ``app`` (default: the current app, or every app
+        this object serves when there is no app context); using them again opens new
+        ones."""
+        if app is None and not has_app_context():
+            for state in list(self._app_states):  # type: ignore[attr-defined]
+                state.close(timeout)
+            return
+        req.state_of(app).close(timeout)

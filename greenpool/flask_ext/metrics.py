@@ -1,69 +1,56 @@
 """Pool statistics over HTTP: JSON and the Prometheus text format.
 
-``app.register_blueprint(stats_blueprint(), url_prefix="/_greenpool")`` serves
-``/_greenpool/stats`` (JSON) and ``/_greenpool/metrics`` (Prometheus). Neither touches
-the database or starts a pool. Each gunicorn worker has its own pools, so each answer
-describes the worker that served it (its ``pid`` is in the JSON and in every metric's
-labels). Protect these routes as you would any internal endpoint.
+``app.register_blueprint(stats_blueprint(authorize=check), url_prefix="/_greenpool")``
+serves ``/_greenpool/stats`` (JSON) and ``/_greenpool/metrics`` (Prometheus). Neither
+touches the database or starts a pool. Each gunicorn worker has its own pools, so each
+answer describes the worker that served it (its ``pid`` is in the JSON and in every
+metric's labels).
+
+The endpoints reveal pool names, sizes and load: ``stats_blueprint`` wants an
+``authorize`` callable (return True to serve the request) or an explicit ``public=True``.
+Connection error text (server addresses, users, FATAL messages) stays out of the JSON
+unless ``include_errors=True``. The Prometheus part needs ``prometheus_client``
+(``pip install 'greenpool[prometheus]'``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.registry import Collector
+from flask import Blueprint, Flask, Response, abort, current_app, jsonify
 
-from greenpool.flask_ext.state import AppState
+from greenpool.flask_ext.request import state_of
+from greenpool.stats import CLOSED_REASONS, COUNTERS, GAUGES
 
 _LABELS = ["database", "pool", "pid"]
-
-# stats() key -> (metric name, help)
-_GAUGES = {
-    "max_size": ("greenpool_max_size", "Configured maximum number of connections."),
-    "min_size": ("greenpool_min_size", "Configured minimum number of connections."),
-    "total": ("greenpool_connections", "Connections open or being opened."),
-    "idle": ("greenpool_connections_idle", "Idle connections."),
-    "acquired": ("greenpool_connections_acquired", "Connections lent out or being checked."),
-    "constructing": ("greenpool_connections_constructing", "Connections being opened."),
-    "waiting": ("greenpool_waiting", "Greenlets waiting for a connection."),
-    "peak_acquired": (
-        "greenpool_peak_acquired",
-        "Most connections lent through the Flask extension at once since the worker started.",
-    ),
-    "failing": ("greenpool_failing", "1 while new connections fail."),
-}
-_COUNTERS = {
-    "acquire_count": ("greenpool_acquires", "Connections handed out."),
-    "empty_acquire_count": ("greenpool_acquire_waits", "Acquires that had to wait."),
-    "timeout_count": ("greenpool_acquire_timeouts", "Acquires that timed out."),
-    "too_many_requests_count": (
-        "greenpool_acquire_rejected",
-        "Acquires refused because the wait queue was full.",
-    ),
-    "canceled_acquire_count": ("greenpool_acquire_canceled", "Acquires interrupted."),
-    "acquire_wait_seconds_total": (
-        "greenpool_acquire_wait_seconds",
-        "Time spent waiting for a connection.",
-    ),
-    "new_conns_count": ("greenpool_connections_opened", "Connections opened."),
-    "connect_errors": ("greenpool_connect_errors", "Failed connection attempts."),
-    "returns_count": ("greenpool_returns", "Connections given back."),
-    "rollback_count": ("greenpool_rollbacks", "Rollbacks done on release."),
-    "check_failed_count": ("greenpool_check_failures", "Connections that failed a check."),
-}
-_CLOSED_REASONS = {
-    "idle_destroy_count": "idle",
-    "lifetime_destroy_count": "lifetime",
-    "broken_destroy_count": "broken",
-}
+PROMETHEUS_EXTRA = "pip install 'greenpool[prometheus]'"
 
 
-class GreenPoolCollector(Collector):
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+        import prometheus_client.core
+        import prometheus_client.exposition
+    except ImportError:
+        raise RuntimeError(
+            f"greenpool's /metrics endpoint needs prometheus_client: {PROMETHEUS_EXTRA}"
+        ) from None
+    return prometheus_client
+
+
+def _rows(app: Flask) -> tuple[list[tuple[list[str], dict[str, Any]]], str]:
+    snapshot = state_of(app).snapshot(errors=False)
+    pid = str(snapshot["pid"])
+    rows = [
+        ([label, stats["pool"], pid], stats)
+        for label, stats in snapshot["databases"].items()
+        if stats["started"]
+    ]
+    return rows, pid
+
+
+class GreenPoolCollector:
     """A prometheus_client collector reading the pools of one Flask app.
 
     Register it in your own registry to merge greenpool's metrics with the app's:
@@ -71,56 +58,78 @@ class GreenPoolCollector(Collector):
     """
 
     def __init__(self, app: Flask) -> None:
+        _prometheus()
         self._app = app
 
-    def collect(self) -> Iterator[Metric]:
-        state: AppState = self._app.extensions["greenpool"]
-        snapshot = state.snapshot()
-        pid = str(snapshot["pid"])
-        rows = [
-            ([label, stats["pool"], pid], stats)
-            for label, stats in snapshot["databases"].items()
-            if stats["started"]
-        ]
-        for key, (name, doc) in _GAUGES.items():
-            gauge = GaugeMetricFamily(name, doc, labels=_LABELS)
+    def collect(self) -> Iterator[Any]:
+        core = _prometheus().core
+        rows, _pid = _rows(self._app)
+        for stat in GAUGES:
+            gauge = core.GaugeMetricFamily(stat.metric, stat.help, labels=_LABELS)
             for labels, stats in rows:
-                gauge.add_metric(labels, float(stats.get(key, 0)))
+                gauge.add_metric(labels, float(stats.get(stat.key, 0)))
             yield gauge
-        for key, (name, doc) in _COUNTERS.items():
-            counter = CounterMetricFamily(name, doc, labels=_LABELS)
+        for stat in COUNTERS:
+            counter = core.CounterMetricFamily(stat.metric, stat.help, labels=_LABELS)
             for labels, stats in rows:
-                counter.add_metric(labels, float(stats.get(key, 0)))
+                counter.add_metric(labels, float(stats.get(stat.key, 0)))
             yield counter
-        closed = CounterMetricFamily(
+        closed = core.CounterMetricFamily(
             "greenpool_connections_closed",
             "Connections closed by the pool, by reason.",
             labels=[*_LABELS, "reason"],
         )
         for labels, stats in rows:
-            for key, reason in _CLOSED_REASONS.items():
+            for key, reason in CLOSED_REASONS.items():
                 closed.add_metric([*labels, reason], float(stats.get(key, 0)))
         yield closed
 
 
-def _stats() -> Response:
-    state: AppState = current_app.extensions["greenpool"]
-    return jsonify(state.snapshot())
-
-
-def _metrics() -> Response:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(GreenPoolCollector(current_app._get_current_object()))  # type: ignore[attr-defined]
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
-
-
-def stats_blueprint(name: str = "greenpool_stats", **options: Any) -> Blueprint:
+def stats_blueprint(
+    name: str = "greenpool_stats",
+    *,
+    authorize: Callable[[], bool] | None = None,
+    public: bool = False,
+    include_errors: bool = False,
+    **options: Any,
+) -> Blueprint:
     """A blueprint with ``GET /stats`` (JSON) and ``GET /metrics`` (Prometheus).
 
-    Register it with a prefix: ``app.register_blueprint(stats_blueprint(),
-    url_prefix="/_greenpool")``; ``options`` go to :class:`flask.Blueprint`.
+    ``authorize()`` runs before each request (inside the request context: check a token
+    header, the client address, ``flask_login.current_user`` ...) and a false answer gets
+    403; ``public=True`` serves everyone (behind your own network protection). One of them
+    is required. ``include_errors`` puts the last connection error text in the JSON.
+    ``options`` go to :class:`flask.Blueprint`.
     """
+    if authorize is None and not public:
+        raise ValueError(
+            "stats_blueprint: pass authorize=<callable returning True to serve a request> or "
+            "public=True; the endpoints show the pools' names, sizes and load"
+        )
+    if authorize is not None and not callable(authorize):
+        raise ValueError("stats_blueprint: authorize must be a callable")
     bp = Blueprint(name, __name__, **options)
-    bp.add_url_rule("/stats", "stats", _stats, methods=["GET"])
-    bp.add_url_rule("/metrics", "metrics", _metrics, methods=["GET"])
+
+    if authorize is not None:
+        check = authorize
+
+        @bp.before_request
+        def _authorize() -> None:
+            if not check():
+                abort(403)
+
+    def stats() -> Response:
+        return jsonify(state_of(None).snapshot(errors=include_errors))
+
+    def metrics() -> Response:
+        prometheus = _prometheus()
+        registry = prometheus.CollectorRegistry(auto_describe=False)
+        registry.register(GreenPoolCollector(current_app._get_current_object()))  # type: ignore[attr-defined]
+        return Response(
+            prometheus.generate_latest(registry),
+            mimetype=prometheus.exposition.CONTENT_TYPE_LATEST,
+        )
+
+    bp.add_url_rule("/stats", "stats", stats, methods=["GET"])
+    bp.add_url_rule("/metrics", "metrics", metrics, methods=["GET"])
     return bp

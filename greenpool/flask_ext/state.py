@@ -1,132 +1,102 @@
-"""Per-app state: one core pool per configured database, created lazily in each process.
+"""Per-app state: the configured databases and the pools that serve them.
 
-A pool is never inherited across ``fork``: the first use in a process (a gunicorn worker)
-creates and opens it there, so ``--preload`` is safe. That first use is also where the
-extension refuses to run uncooperatively (see :func:`cooperation_required`).
+Pools come from the process registry (:func:`greenpool.get_pool`), keyed by conninfo and
+settings: each process (gunicorn worker) opens its own on first use, never inheriting
+one from a parent, so ``--preload`` is safe; apps configured alike share one. When the
+extension object was itself created with a conninfo, it is the default database's pool.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
-import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
-from gevent.lock import Semaphore
 
+from greenpool.cooperation import cooperation_problems, cooperation_required
 from greenpool.errors import CooperationError, PoolError
-from greenpool.flask_ext.config import DatabaseConfig, ExtensionOptions
-from greenpool.pool import GreenPool as CorePool
+from greenpool.flask_ext.config import (
+    DatabaseConfig,
+    ExtensionOptions,
+    ParsedConfig,
+    database_from,
+)
+from greenpool.registry import get_pool
+
+if TYPE_CHECKING:
+    from greenpool.api import GreenPool
 
 logger = logging.getLogger("greenpool.flask")
-
-_STATES: weakref.WeakSet[AppState] = weakref.WeakSet()
-
-
-def _gevent_patched() -> bool:
-    monkey = sys.modules.get("gevent.monkey")
-    return bool(monkey and monkey.is_module_patched("socket"))
-
-
-def under_gunicorn() -> bool:
-    """True in a gunicorn master or worker (gunicorn sets SERVER_SOFTWARE)."""
-    return os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn")
-
-
-def cooperation_required(setting: bool | None) -> bool:
-    """Whether an uncooperative driver is an error (True) or a warning (False).
-
-    ``None`` ("auto") requires cooperation when serving: under gunicorn, or once gevent
-    has patched the socket module (a half-patched process is the dangerous case). Plain
-    scripts, ``flask`` CLI commands and unpatched tests only get a warning.
-    """
-    if setting is not None:
-        return setting
-    return under_gunicorn() or _gevent_patched()
 
 
 class AppState:
     """What ``app.extensions["greenpool"]`` holds."""
 
     def __init__(
-        self, app_name: str, databases: dict[str | None, DatabaseConfig], options: ExtensionOptions
+        self, app_name: str, parsed: ParsedConfig, own_pool: GreenPool[Any] | None = None
     ) -> None:
         self.app_name = app_name
-        self.databases = databases
-        self.options = options
-        self._pools: dict[str | None, CorePool] = {}
-        self._pid = os.getpid()
-        self._hub: Any = None
-        self._start_lock: Semaphore | None = None
-        self._in_use: dict[str | None, int] = {}
-        self._peak: dict[str | None, int] = {}
-        _STATES.add(self)
-
-    # ------------------------------------------------------------------ pools
+        self.databases: dict[str | None, DatabaseConfig] = parsed.databases
+        self.options: ExtensionOptions = parsed.options
+        self._top = parsed.top  # top-level settings new databases inherit
+        self._base_name = parsed.base_name
+        self._own_pool = own_pool  # the extension object, when it is a pool itself
+        self._pools: dict[str | None, GreenPool[Any]] = {}  # checked and in use here
 
     def database(self, key: str | None) -> DatabaseConfig:
         """The configuration of ``key`` (None: the default database)."""
         try:
             return self.databases[key]
         except KeyError:
-            names = ", ".join(repr(d.key) for d in self.databases.values())
+            names = ", ".join(repr(d.label) for d in self.databases.values())
             what = "no default database (GREENPOOL_CONNINFO)" if key is None else repr(key)
             raise KeyError(
                 f"greenpool: {what} is not configured for app {self.app_name!r} "
-                f"(configured: {names})"
+                f"(configured: {names or 'none'})"
             ) from None
 
-    def get_pool(self, key: str | None) -> CorePool:
-        """The open core pool of ``key`` in this process, created on first use."""
-        if self._pid != os.getpid():
-            self._forget_after_fork()
+    def add_database(self, name: str, conninfo: str, **settings: Any) -> DatabaseConfig:
+        """Configure a named database at run time (e.g. one database per tenant), with
+        the app's top-level settings as defaults. Validated like a bind; no connection is
+        opened until it is used."""
+        if name in self.databases:
+            raise PoolError(f"greenpool: database {name!r} is already configured")
+        db = database_from(name, {"conninfo": conninfo, **settings}, self._top, self._base_name)
+        self.databases[name] = db
+        return db
+
+    def pool(self, key: str | None) -> GreenPool[Any]:
+        """The open pool of database ``key`` in this process, created on first use.
+
+        Switches only when the pool opens."""
         pool = self._pools.get(key)
-        if pool is None:
-            return self._start(key)
-        if self._hub is not gevent.get_hub():
+        if pool is not None and pool._state != "closed":
+            if pool._hub is not gevent.get_hub() and pool._hub is not None:  # None: forked
+                raise PoolError(
+                    f"greenpool: the pools of app {self.app_name!r} belong to another "
+                    "thread's gevent hub and are not thread-safe; serve with "
+                    "`gunicorn -k gevent` or `flask run --without-threads`"
+                )
+            return pool
+        if key is None and self._own_pool is not None:
+            pool = self._own_pool
+            if pool._state == "new":
+                pool.open()
+        else:
+            db = self.database(key)
+            pool = get_pool(db.conninfo, **db.pool_kwargs())
+        self._check(pool, key)
+        self._pools[key] = pool
+        return pool
+
+    def _check(self, pool: GreenPool[Any], key: str | None) -> None:
+        if pool._hub is not None and pool._hub is not gevent.get_hub():
             raise PoolError(
                 f"greenpool: the pools of app {self.app_name!r} belong to another thread's "
                 "gevent hub and are not thread-safe; serve with `gunicorn -k gevent` or "
                 "`flask run --without-threads`"
             )
-        return pool
-
-    def started_pool(self, key: str | None) -> CorePool | None:
-        """The pool of ``key`` if this process started it, without starting it."""
-        if self._pid != os.getpid():
-            return None
-        return self._pools.get(key)
-
-    def _start(self, key: str | None) -> CorePool:
-        db = self.database(key)
-        hub = gevent.get_hub()
-        if self._pools and self._hub is not hub:
-            raise PoolError(
-                f"greenpool: app {self.app_name!r} is used from a second thread; its pools "
-                "belong to one gevent hub (serve with `gunicorn -k gevent`)"
-            )
-        if self._start_lock is None:
-            self._start_lock = Semaphore()
-        # Opening a pool may yield (the driver's first-time set-up), so concurrent first
-        # requests must not each create one: one starts it, the others wait and share it.
-        with self._start_lock:
-            if key in self._pools:
-                return self._pools[key]
-            pool = CorePool(db.conninfo, **{**db.pool_kwargs(), "open": False})
-            pool.open()
-            try:
-                self._check_cooperation(pool, db)
-            except BaseException:
-                pool.close(timeout=0)
-                raise
-            self._pools[key] = pool
-            self._hub = hub
-        logger.info("greenpool: pool %r started in process %d", db.pool_name, os.getpid())
-        return pool
-
-    def _check_cooperation(self, pool: CorePool, db: DatabaseConfig) -> None:
         try:
             pool.check_cooperation()
         except CooperationError as ex:
@@ -136,80 +106,47 @@ class AppState:
                     "whole worker; fix the import order (see deploy/gunicorn.conf.py) or set "
                     "GREENPOOL_REQUIRE_COOPERATION = False to run anyway"
                 ) from None
-            logger.warning("greenpool: database %r will block while it waits: %s", db.label, ex)
+            label = "default" if key is None else key
+            logger.warning("greenpool: database %r will block while it waits: %s", label, ex)
+        logger.info("greenpool: pool %r started in process %d", pool.name, os.getpid())
+
+    def started_pool(self, key: str | None) -> GreenPool[Any] | None:
+        """The pool of ``key`` if this app uses it in this process, without opening it."""
+        pool = self._pools.get(key)
+        return None if pool is None or pool.closed else pool
 
     def cooperation_problems(self) -> list[str]:
         """Why any configured database driver would block the hub; empty when all is well.
 
-        Checks drivers without connecting (for gunicorn's ``post_worker_init``).
-        """
-        from greenpool.cooperation import cooperation_problems
-
+        Checks drivers without connecting (for gunicorn's ``post_worker_init``)."""
         problems: list[str] = []
         for db in self.databases.values():
             problems += [f"database {db.label!r}: {p}" for p in cooperation_problems(db.driver)]
         return problems
 
-    def _forget_after_fork(self) -> None:
-        """In a forked child: drop (never close) the parent's pools; the core pool's own
-        fork handling keeps their sockets untouched."""
-        if self._pools:
-            logger.debug("greenpool: process %d forgets its parent's pools", os.getpid())
-        self._pools = {}
-        self._hub = None
-        self._start_lock = None
-        self._in_use = {}
-        self._peak = {}
-        self._pid = os.getpid()
-
     def close(self, timeout: float = 5.0) -> None:
-        """Close this process's pools; later use creates new ones."""
-        if self._pid != os.getpid():
-            self._forget_after_fork()
-            return
+        """Close this process's pools of this app; later use opens new ones."""
         pools, self._pools = self._pools, {}
         for pool in pools.values():
+            if pool is self._own_pool:
+                continue  # the extension object's own pool: closed by db.close()
             try:
                 pool.close(timeout=timeout)
             except Exception:
                 logger.exception("greenpool: closing pool %r failed", pool.name)
 
-    # ------------------------------------------------------------------ accounting
+    def snapshot(self, *, errors: bool = True) -> dict[str, Any]:
+        """Stats of every configured database in this process, without starting a pool.
 
-    def note_acquired(self, key: str | None) -> None:
-        """Count a connection lent through the extension (for the peak statistic)."""
-        n = self._in_use.get(key, 0) + 1
-        self._in_use[key] = n
-        if n > self._peak.get(key, 0):
-            self._peak[key] = n
-
-    def note_released(self, key: str | None) -> None:
-        """The matching release of :meth:`note_acquired`."""
-        self._in_use[key] = max(0, self._in_use.get(key, 0) - 1)
-
-    def snapshot(self) -> dict[str, Any]:
-        """Stats of every configured database in this process, without starting a pool."""
+        ``errors=False`` leaves out ``last_error`` (server addresses, users, FATAL text)."""
         result: dict[str, Any] = {}
         for key, db in self.databases.items():
             pool = self.started_pool(key)
-            entry: dict[str, Any] = {
-                "pool": db.pool_name,
-                "started": pool is not None,
-                "in_use": self._in_use.get(key, 0) if pool is not None else 0,
-                "peak_acquired": self._peak.get(key, 0) if pool is not None else 0,
-            }
+            entry: dict[str, Any] = {"pool": db.pool_name, "started": pool is not None}
             if pool is not None:
                 entry.update(pool.stats())
                 entry["pool"] = db.pool_name
+                if not errors:
+                    entry.pop("last_error", None)
             result[db.label] = entry
         return {"pid": os.getpid(), "app": self.app_name, "databases": result}
-
-
-def close_all_pools(timeout: float = 5.0) -> None:
-    """Close every pool the Flask extension started in this process.
-
-    Meant for gunicorn's ``worker_exit`` hook: backends are released with a clean
-    Terminate instead of being cut off when the process exits.
-    """
-    for state in list(_STATES):
-        state.close(timeout=timeout)
