@@ -30,7 +30,7 @@ from greenpool.maintenance import Maintenance
 from greenpool.pool import CLOSED, FORKED, NEW, OPEN, Connection, ConnT, Pool
 from greenpool.settings import PoolSettings, build_settings, seconds
 from greenpool.stats import snapshot
-from greenpool.vetting import DEFAULT_RESET, Vetting, get_reset_policy, redacted_copy
+from greenpool.vetting import Vetting, get_reset_policy, redacted_copy
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -97,7 +97,7 @@ class GreenPool(Pool[ConnT]):
         if not isinstance(pool_name, str):
             raise ValueError(f"name: expected a string, got {type(pool_name).__name__}")
         adapter = get_driver(driver)
-        policy = get_reset_policy(DEFAULT_RESET if reset == "default" else reset)
+        policy = get_reset_policy(reset)
         target, settings = self._parse(conninfo, adapter, pool_name)
         super().__init__(pool_name, adapter, settings)
         self.target = target

@@ -87,9 +87,13 @@ class ResetPolicy:
 
 
 def get_reset_policy(reset: Callable[[Any], None] | str | None) -> ResetPolicy:
-    """Turn the ``reset=`` argument into a policy; ValueError for an unknown name."""
-    if reset is None:
+    """Turn the ``reset=`` argument into a policy; ValueError for an unknown name.
+
+    ``"default"`` is ``DEFAULT_RESET``; ``"none"`` (for configuration files) is None."""
+    if reset is None or reset == "none":
         return ResetPolicy(None)
+    if reset == "default":
+        reset = DEFAULT_RESET
     if isinstance(reset, str):
         if reset not in POLICIES:
             raise ValueError(

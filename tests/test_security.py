@@ -355,6 +355,10 @@ MALFORMED: dict[str, str] = {
     "url-bad-option": f"postgresql://u:{quote(SECRET, safe='')}@127.0.0.1/db?bogus=1",
     "url-bad-host": f"postgresql://u:{quote(SECRET, safe='')}@[::1/db",
     "url-bad-pool-value": f"postgresql://u:{quote(SECRET, safe='')}@h/db?pool_max_conns=x",
+    # An unquoted password with a space: libpq reads "S3cret" as the next key.
+    "unquoted-space": "host=127.0.0.1 password=Sup3r S3cret",
+    # A raw '@' in a URL password: libpq would take the tail for the host name.
+    "url-raw-at": "postgresql://u:Sup3r@S3cret@127.0.0.1/db",
 }
 
 
@@ -366,6 +370,35 @@ def test_password_never_leaks_from_malformed_conninfo(
         GreenPool(MALFORMED[case], name="malformed")
     assert str(info.value), "an error without a message is not a clear error"
     _assert_clean(_texts_of_error(info.value), debug_logs)
+
+
+def test_connect_error_cause_is_redacted(
+    cluster: PgCluster, make_pool: Factory, debug_logs: pytest.LogCaptureFixture
+) -> None:
+    """The driver's own error is chained as ``__cause__`` (same type) with secrets masked,
+    even when libpq's message happens to contain the secret."""
+    port = _closed_port()
+    secret = f"{port}"  # libpq's "port NNNN failed" message contains it
+    pool = make_pool(cluster.dsn(PW_USER, secret, port=port), open=False, min_size=1)
+    with pytest.raises(ConnectError) as info:
+        pool.open(wait=True, timeout=10)
+    cause = info.value.__cause__
+    assert isinstance(cause, psycopg.OperationalError), cause
+    assert secret not in str(cause) and secret not in repr(cause) and "********" in str(cause)
+
+
+def test_libpq_18_oauth_secret_is_masked(
+    make_pool: Factory, debug_logs: pytest.LogCaptureFixture
+) -> None:
+    oauth = "oauth-Zq7x-secret"
+    pool = make_pool(
+        f"host=127.0.0.1 port={_closed_port()} oauth_client_id=x oauth_client_secret={oauth}",
+        open=False,
+    )
+    texts = [*_texts_of_pool(pool), repr(pool.target)]
+    with pytest.raises(ConnectError) as info:
+        pool.open(wait=True, timeout=10)
+    _assert_clean(texts + _texts_of_error(info.value), debug_logs, (oauth,))
 
 
 def test_password_never_leaks_in_normal_operation(

@@ -25,6 +25,15 @@ from greenpool.cooperation import cooperation_problems
 from greenpool.errors import PoolError
 from greenpool.flask_ext.config import DatabaseConfig
 from greenpool.flask_ext.state import AppState
+from greenpool.settings import seconds
+
+
+def _valid_timeout(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    try:
+        return seconds("--timeout", value)
+    except ValueError as ex:
+        raise click.BadParameter(str(ex).partition(": ")[2]) from None
+
 
 greenpool_cli = AppGroup("greenpool", help="Check the databases of this app's greenpool pools.")
 
@@ -150,7 +159,13 @@ def _print_check(report: dict[str, Any]) -> None:
 
 @greenpool_cli.command("check")
 @click.option("--database", "-d", default=None, help="Only this database (bind name).")
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait to connect.")
+@click.option(
+    "--timeout",
+    default=10.0,
+    show_default=True,
+    callback=_valid_timeout,
+    help="Seconds to wait to connect.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def check_command(database: str | None, timeout: float, as_json: bool) -> None:
     """Connect to each configured database; report server, pool settings, cooperation."""
@@ -167,7 +182,13 @@ def check_command(database: str | None, timeout: float, as_json: bool) -> None:
 
 @greenpool_cli.command("stats")
 @click.option("--database", "-d", default=None, help="Only this database (bind name).")
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait to connect.")
+@click.option(
+    "--timeout",
+    default=10.0,
+    show_default=True,
+    callback=_valid_timeout,
+    help="Seconds to wait to connect.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def stats_command(database: str | None, timeout: float, as_json: bool) -> None:
     """Server-side view: this app's connections per state, against max_connections.

@@ -65,7 +65,7 @@ class DatabaseConfig:
     settings: dict[str, Any] = field(default_factory=dict)  # explicit pool settings
     configure: Callable[[Any], None] | None = None
     check: Callable[[Any], None] | None = None
-    reset: Callable[[Any], None] | str | None = None
+    reset: Callable[[Any], None] | str | None = "default"
     reconnect_failed: Callable[[Any], None] | None = None
 
     def __repr__(self) -> str:
@@ -224,7 +224,7 @@ def _database(
         if value is not None and not callable(value):
             raise ConfigError(f"{labels(name)}: expected a callable, got {type(value).__name__}")
     try:
-        get_reset_policy(raw.get("reset"))
+        get_reset_policy(raw.get("reset", "default"))
     except ValueError as ex:
         raise ConfigError(f"{labels('reset')}: {str(ex).partition(': ')[2] or ex}") from None
     name = raw.get("name") or pool_name
@@ -241,7 +241,7 @@ def _database(
         settings=settings,
         configure=raw.get("configure"),
         check=raw.get("check"),
-        reset=raw.get("reset"),
+        reset=raw.get("reset", "default"),
         reconnect_failed=raw.get("reconnect_failed"),
     )
 

@@ -27,6 +27,7 @@ from greenpool.flask_ext import request as req
 from greenpool.flask_ext.config import parse_config
 from greenpool.flask_ext.state import AppState
 from greenpool.pool import NEW, Connection
+from greenpool.settings import seconds
 
 if TYPE_CHECKING:
     from greenpool.flask_ext.config import DatabaseConfig
@@ -169,6 +170,7 @@ class FlaskHandle(FlaskPool):
         """Close this process's pools of ``app`` (default: the current app, or every app
         this object serves when there is no app context); using them again opens new
         ones."""
+        timeout = seconds("timeout", timeout)
         if app is None and not has_app_context():
             for state in list(self._app_states):  # type: ignore[attr-defined]
                 state.close(timeout)

@@ -1,8 +1,9 @@
 """The per-request connection: borrowed on first use, committed on success, given back.
 
 - A request borrows a connection only when it first uses ``db.conn`` (the table of
-  borrowed connections lives on ``flask.g``), so requests that never touch the database
-  never wait for one.
+  borrowed connections lives in the request's WSGI environ, not on ``flask.g``, which
+  requests share when a test pushes an app context around them), so requests that never
+  touch the database never wait for one.
 - ``after_request`` commits when the response is a success (status < 400), by the rule of
   ``with pool.connection()``: an open transaction is committed (a failing COMMIT turns the
   response into a 500), and a transaction that failed while the view swallowed the error
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from flask import Response, current_app, g, has_request_context, jsonify, request
+from flask import Response, current_app, has_request_context, jsonify, request
 from gevent import getcurrent
 from werkzeug.exceptions import ServiceUnavailable
 from werkzeug.wrappers import Response as BaseResponse
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("greenpool.flask")
 
-G_KEY = "_greenpool_request"
+TABLE_KEY = "greenpool.request"  # in the WSGI environ: the request's RequestConns
 OWNER_KEY = "greenpool.greenlet"  # in the WSGI environ: the greenlet serving the request
 EXTENSION_KEY = "greenpool"
 
@@ -43,10 +44,19 @@ class RequestConns:
 
     __slots__ = ("borrowed", "done", "state")
 
-    def __init__(self, state: AppState) -> None:
+    def __init__(self, state: AppState | None) -> None:
         self.state = state
         self.borrowed: dict[str | None, tuple[GreenPool[Any], Any]] = {}
         self.done: str | None = None  # why db.conn is refused now
+
+
+_AFTER_VIEW_MESSAGE = (
+    "db.conn is not available after the view returned (e.g. in a streamed response): "
+    "borrow before returning, and call db.release() before streaming"
+)
+#: Stands for "the view returned" in requests that borrowed nothing (shared, never mutated).
+_AFTER_VIEW = RequestConns(None)
+_AFTER_VIEW.done = _AFTER_VIEW_MESSAGE
 
 
 def mark_owner() -> None:
@@ -63,7 +73,9 @@ def request_conn(db: GreenPool[Any], name: str | None) -> Any:
     """The current request's connection to database ``name``, borrowed on first use.
 
     Switches only while borrowing (waiting for a connection)."""
-    table: RequestConns | None = g.get(G_KEY) if has_request_context() else None
+    table: RequestConns | None = (
+        request.environ.get(TABLE_KEY) if has_request_context() else None
+    )
     if table is None:
         table = _start(db)
     else:
@@ -74,7 +86,7 @@ def request_conn(db: GreenPool[Any], name: str | None) -> Any:
     if table.done is not None:
         raise RuntimeError(table.done)
     _check_owner()
-    pool = table.state.pool(name)
+    pool = table.state.pool(name)  # type: ignore[union-attr]
     conn = pool.getconn()
     table.borrowed[name] = (pool, conn)
     return conn
@@ -88,7 +100,7 @@ def _start(db: GreenPool[Any]) -> RequestConns:
         )
     state = state_of(None)
     table = RequestConns(state)
-    setattr(g, G_KEY, table)
+    request.environ[TABLE_KEY] = table
     return table
 
 
@@ -134,24 +146,32 @@ def _commit_all(table: RequestConns) -> None:
 def commit_on_success(response: Response) -> Response:
     """``after_request``: commit the request's open transactions if it succeeded; from now
     on ``db.conn`` is refused (a streamed body must not borrow after the view)."""
-    table: RequestConns | None = g.get(G_KEY)
+    environ = request.environ
+    table: RequestConns | None = environ.get(TABLE_KEY)
     if table is None:
+        environ[TABLE_KEY] = _AFTER_VIEW
         return response
     if table.done is None:
-        table.done = (
-            "db.conn is not available after the view returned (e.g. in a streamed response): "
-            "borrow before returning, and call db.release() before streaming"
-        )
-    if table.borrowed and response.status_code < 400 and table.state.options.commit_on_success:
+        table.done = _AFTER_VIEW_MESSAGE
+    if table.borrowed and response.status_code < 400 and table.state.options.commit_on_success:  # type: ignore[union-attr]
         _commit_all(table)  # raising here turns the response into a 500
     return response
 
 
 def release_connections(exc: BaseException | None = None) -> None:
-    """``teardown_request``: give back every borrowed connection, exactly once."""
-    table: RequestConns | None = g.pop(G_KEY, None)
-    if table is None:
+    """``teardown_request``: give back every borrowed connection, exactly once.
+
+    The environ keeps the "view returned" mark: Flask >= 3.1 pops the request context
+    (running this) before a ``stream_with_context`` body runs, then pushes it again for
+    the body, which must not borrow."""
+    environ = request.environ
+    table: RequestConns | None = environ.get(TABLE_KEY)
+    if table is None or table is _AFTER_VIEW:
         return
+    owner = environ.get(OWNER_KEY)
+    if owner is not None and owner is not getcurrent():
+        return  # a copied request context ending in a spawned greenlet: not its to give
+    environ[TABLE_KEY] = _AFTER_VIEW
     _give_back(table)
     if exc is not None:
         logger.debug("greenpool: request failed (%s); its transaction was rolled back", exc)
@@ -174,11 +194,13 @@ def release_early(db: GreenPool[Any]) -> None:
     refused for the rest of the request."""
     if not has_request_context():
         raise RuntimeError("db.release() gives back a request's connections; no request here")
-    table: RequestConns | None = g.get(G_KEY)
+    table: RequestConns | None = request.environ.get(TABLE_KEY)
     if table is None:
         table = _start(db)
+    if table is _AFTER_VIEW:
+        return  # nothing was borrowed, and db.conn is refused already
     try:
-        if table.borrowed and table.state.options.commit_on_success:
+        if table.borrowed and table.state.options.commit_on_success:  # type: ignore[union-attr]
             _commit_all(table)
     finally:
         _give_back(table)

@@ -23,6 +23,7 @@ from greenpool.flask_ext.config import (
     database_from,
 )
 from greenpool.registry import get_pool
+from greenpool.settings import seconds
 
 if TYPE_CHECKING:
     from greenpool.api import GreenPool
@@ -126,6 +127,7 @@ class AppState:
 
     def close(self, timeout: float = 5.0) -> None:
         """Close this process's pools of this app; later use opens new ones."""
+        timeout = seconds("timeout", timeout)
         pools, self._pools = self._pools, {}
         for pool in pools.values():
             if pool is self._own_pool:
