@@ -11,6 +11,7 @@ integration only when called.
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import fields
@@ -39,6 +40,7 @@ logger = logging.getLogger("greenpool")
 
 ConnCallback = Callable[[Any], None]
 _SETTING_NAMES = frozenset(f.name for f in fields(PoolSettings))
+_NAME = re.compile(r"[ -~]{1,63}")
 
 
 class GreenPool(Pool[ConnT]):
@@ -94,8 +96,11 @@ class GreenPool(Pool[ConnT]):
         self._explicit = {k: given[k] for k in _SETTING_NAMES if given[k] is not None}
         self._kwargs: dict[str, Any] = dict(kwargs or {})
         pool_name = name or "greenpool"
-        if not isinstance(pool_name, str):
-            raise ValueError(f"name: expected a string, got {type(pool_name).__name__}")
+        if not isinstance(pool_name, str) or not _NAME.fullmatch(pool_name):
+            raise ValueError(
+                "name: expected 1-63 printable ASCII characters (it becomes the "
+                "application_name and a metric label)"
+            )
         adapter = get_driver(driver)
         policy = get_reset_policy(reset)
         target, settings = self._parse(conninfo, adapter, pool_name)

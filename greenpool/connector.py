@@ -35,6 +35,9 @@ logger = logging.getLogger("greenpool")
 BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 2.0
 BACKOFF_JITTER = 0.2  # +/- 20%
+#: After this many checks failed in a row (a server that accepts connections and then
+#: fails every check, or a ``check`` callback that always raises), replacements back off.
+CHECK_FAILURES_BEFORE_BACKOFF = 3
 
 
 class _ConnectTimeout(Exception):
@@ -115,6 +118,11 @@ class Connector:
             while pool._state == OPEN and epoch == self._epoch:
                 if self.failing_since is not None and len(self._greenlets) > 1:
                     return  # while failing, one connector retries (with backoff) for all
+                failed_checks = self._vetting.checks_failed_in_row
+                if failed_checks >= CHECK_FAILURES_BEFORE_BACKOFF:
+                    gevent.sleep(_backoff(failed_checks - CHECK_FAILURES_BEFORE_BACKOFF))
+                    if pool._state != OPEN or epoch != self._epoch:
+                        return
                 if self.deficit(self._pending_extra) <= 0 or not pool._reserve_slot():
                     return
                 try:
@@ -226,6 +234,7 @@ class Connector:
         self._backoff = min(BACKOFF_MAX, self._backoff * 2 or BACKOFF_INITIAL)
         return self._backoff * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
 
+
     def error_suffix(self) -> str:
         """``; last connection error: ...`` while connecting fails, else empty."""
         if self.failing_since is not None and self.last_error:
@@ -259,3 +268,9 @@ class Connector:
         self._epoch += 1
         self._greenlets = set()
         self._outcome_events = []
+
+
+def _backoff(step: int) -> float:
+    """The ``step``-th delay of the backoff sequence (0.1 s doubling to 2 s, jittered)."""
+    delay = min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** min(step, 10))
+    return delay * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)

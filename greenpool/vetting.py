@@ -131,6 +131,7 @@ class Vetting:
         self._redact = redact
         self._checkers: set[Greenlet] = set()  # pings a borrower stopped waiting for
         self.check_failed_count = 0
+        self.checks_failed_in_row = 0  # the connector backs off while checks keep failing
         self.broken_destroy_count = 0
         self.lifetime_destroy_count = 0
         self.rollback_count = 0
@@ -210,6 +211,7 @@ class Vetting:
                     self._driver.ping(rec.conn)
         except BaseException as ex:
             self.check_failed_count += 1
+            self.checks_failed_in_row += 1
             self.broken_destroy_count += 1
             self._pool._discard(rec)
             if not isinstance(ex, (Exception, _CheckTimeout)):
@@ -220,6 +222,7 @@ class Vetting:
                 self._redact(describe_error(ex)),
             )
             return False
+        self.checks_failed_in_row = 0
         return True
 
     # ------------------------------------------------------------------ release

@@ -84,9 +84,7 @@ def test_unhashable_setting_is_a_clear_error() -> None:
         greenpool.get_pool("", check=[1, {2}])  # type: ignore[arg-type]
 
 
-def test_forked_child_gets_its_own_connections(
-    fresh_registry: None, dsn: str, admin: Any
-) -> None:
+def test_forked_child_gets_its_own_connections(fresh_registry: None, dsn: str, admin: Any) -> None:
     pool = greenpool.get_pool(dsn, name="reg_fork", min_size=1, max_size=2)
     with pool.connection() as conn:
         parent_backend = conn.info.backend_pid
@@ -145,3 +143,43 @@ def test_min_idle_is_refilled_by_the_checkout_not_the_next_tick() -> None:
         pool.putconn(held)
     finally:
         pool.close(timeout=0)
+
+
+def test_a_check_that_always_fails_backs_off_instead_of_churning() -> None:
+    """Every checkout pings (check_idle_after=0) and the check always raises: each
+    connection is replaced, but replacements back off after three failures in a row."""
+
+    def failing_check(conn: Any) -> None:
+        raise OSError("the check always fails")
+
+    driver = FakeDriver()
+    pool = GreenPool(  # type: ignore[arg-type]
+        "",
+        driver=driver,
+        min_size=1,
+        max_size=1,
+        check=failing_check,
+        check_idle_after=0,
+        open=True,
+    )
+    try:
+        deadline = time.monotonic() + 1.0
+        attempts = 0
+        while time.monotonic() < deadline and attempts < 10_000:
+            attempts += 1
+            with pytest.raises(PoolTimeout):
+                pool.getconn(timeout=0.05)
+        opened = len(driver.conns)
+        assert opened <= 25, f"{opened} connections opened in 1 s: no backoff"
+        assert pool.stats()["check_failed_count"] >= 3
+    finally:
+        pool.close(timeout=0)
+
+
+@pytest.mark.parametrize("name", ["", "x" * 64, "a\x00b", "new\nline", "caf\u00e9"])
+def test_pool_names_are_validated(name: str) -> None:
+    if name == "":
+        assert GreenPool("", driver=FakeDriver(), name=name).name == "greenpool"  # type: ignore[arg-type]
+        return
+    with pytest.raises(ValueError, match="name: expected 1-63 printable ASCII"):
+        GreenPool("", driver=FakeDriver(), name=name)  # type: ignore[arg-type]
