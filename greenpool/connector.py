@@ -272,5 +272,5 @@ class Connector:
 
 def _backoff(step: int) -> float:
     """The ``step``-th delay of the backoff sequence (0.1 s doubling to 2 s, jittered)."""
-    delay = min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** min(step, 10))
+    delay: float = min(BACKOFF_MAX, BACKOFF_INITIAL * 2.0 ** min(step, 10))
     return delay * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
