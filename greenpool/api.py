@@ -23,14 +23,17 @@ from gevent import getcurrent
 
 from greenpool import conninfo as _ci
 from greenpool import fork
+from greenpool.alerts import Alerts
 from greenpool.connector import Connector
 from greenpool.cooperation import cooperation_problems
 from greenpool.drivers import Driver, get_driver
 from greenpool.errors import ConnectError, CooperationError, PoolClosed, PoolError, PoolTimeout
+from greenpool.leaks import LeakDetector
 from greenpool.maintenance import Maintenance
 from greenpool.pool import CLOSED, FORKED, NEW, OPEN, Connection, ConnT, Pool
 from greenpool.settings import PoolSettings, build_settings, seconds
 from greenpool.stats import snapshot
+from greenpool.tracing import Tracer, Tracers
 from greenpool.vetting import Vetting, get_reset_policy, redacted_copy
 
 if TYPE_CHECKING:
@@ -88,6 +91,11 @@ class GreenPool(Pool[ConnT]):
         connect_timeout: float | None = None,
         max_connecting: int | None = None,
         reconnect_failed: Callable[[GreenPool[Any]], None] | None = None,
+        before_connect: Callable[[dict[str, Any]], None] | None = None,
+        on_acquire: Tracer | None = None,
+        on_release: Tracer | None = None,
+        leak_threshold: float | None = None,
+        saturation_warning_after: float | None = None,
     ) -> None:
         app = None
         if not isinstance(conninfo, str) and hasattr(conninfo, "extensions"):
@@ -108,9 +116,17 @@ class GreenPool(Pool[ConnT]):
         self.target = target
         self._vetting = Vetting(self, adapter, policy, check, target.redact)
         self._connector = Connector(
-            self, adapter, target, self._vetting, configure, reconnect_failed
+            self, adapter, target, self._vetting, configure, reconnect_failed, before_connect
         )
         self._maintenance = Maintenance(self, self._connector, self._vetting)
+        self.tracers = Tracers(self)
+        if on_acquire is not None or on_release is not None:
+            self.tracers.add(on_acquire, on_release)
+        self._leaks: LeakDetector | None = None
+        if settings.leak_threshold is not None:
+            self._leaks = LeakDetector(self, self.tracers, settings.leak_threshold)
+            self._maintenance.tasks.append(self._leaks.scan)
+        self._maintenance.tasks.append(Alerts(self))
         self._grow = self._connector.grow
         self._vet = self._vetting.checkout
         self._clean = self._vetting.clean
@@ -325,6 +341,28 @@ class GreenPool(Pool[ConnT]):
         if conninfo is not None:
             self._set_target(conninfo)
         self._maintenance.drain(timeout)
+
+    def add_tracer(
+        self, on_acquire: Tracer | None = None, on_release: Tracer | None = None
+    ) -> Callable[[], None]:
+        """Call ``on_acquire(pool, conn, wait_seconds)`` after every borrow and
+        ``on_release(pool, conn, hold_seconds)`` after every give-back (pgxpool's
+        tracers); returns a function that removes them. Free while none is set."""
+        return self.tracers.add(on_acquire, on_release)
+
+    @property
+    def conninfo(self) -> _ci.ConninfoText:
+        """The conninfo libpq gets (pool settings removed), for connections opened outside
+        the pool; its repr masks secrets (``str()`` is the real text)."""
+        return _ci.ConninfoText(self.target.conninfo, self.target.redact)
+
+    def connect_dedicated(self, timeout: float | None = None) -> ConnT:
+        """Open a connection *outside* the pool with the pool's settings: its conninfo and
+        kwargs, ``before_connect``, ``configure``, the cooperative connect bounded by
+        ``connect_timeout`` (or ``timeout``). For LISTEN/NOTIFY listeners, migrations and
+        session advisory locks; the caller closes it. Switches."""
+        limit = self.settings.connect_timeout if timeout is None else seconds("timeout", timeout)
+        return self._connector.open_dedicated(limit)  # type: ignore[no-any-return]
 
     def check_cooperation(self) -> None:
         """Raise CooperationError if this pool's database waits would block the hub."""

@@ -20,9 +20,9 @@ import gevent
 from gevent import Greenlet, getcurrent
 from gevent.event import Event
 
-from greenpool.conninfo import Target
+from greenpool.conninfo import SECRET_KEYS, Target
 from greenpool.drivers.base import ConnState, Driver
-from greenpool.errors import PoolError
+from greenpool.errors import ConnectError, PoolError
 from greenpool.pool import OPEN, Record
 from greenpool.vetting import describe_error
 
@@ -56,6 +56,7 @@ class Connector:
         vetting: Vetting,
         configure: Callable[[Any], None] | None,
         reconnect_failed: Callable[[Any], None] | None,
+        before_connect: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._pool = pool
         self._driver = driver
@@ -63,6 +64,7 @@ class Connector:
         self._vetting = vetting
         self._configure = configure
         self._reconnect_failed = reconnect_failed
+        self._before_connect = before_connect
         self._greenlets: set[Greenlet] = set()
         self._epoch = 0  # bumped in a forked child: older connectors stop
         self.wait_target = 0  # connections wait() wants even when min_size is 0
@@ -147,15 +149,8 @@ class Connector:
         epoch = self._epoch if epoch is None else epoch
         try:
             with gevent.Timeout(timeout, _ConnectTimeout):
-                conn = self._driver.connect(self.target.conninfo, self.target.kwargs, timeout)
+                conn = self._connect_configured(timeout)
                 try:
-                    if self._configure is not None:
-                        self._configure(conn)
-                        state = self._driver.state(conn)
-                        if state is not ConnState.IDLE:
-                            raise PoolError(
-                                f"the configure callback left the connection {state.value}"
-                            )
                     rec = self._new_record(conn)
                     self._vetting.after_connect(rec, self._configure is not None)
                 except BaseException:
@@ -180,6 +175,39 @@ class Connector:
         self.new_conns_count += 1
         self._note_success()
         return rec
+
+    def _connect_configured(self, timeout: float) -> Any:
+        """Connect (``before_connect`` may change the connect keywords, e.g. a fresh IAM
+        token as the password) and run ``configure``. Switches."""
+        target = self.target
+        kwargs = target.kwargs
+        if self._before_connect is not None:
+            kwargs = dict(kwargs)
+            self._before_connect(kwargs)
+            target.redact.add(str(v) for k, v in kwargs.items() if k in SECRET_KEYS and v)
+        conn = self._driver.connect(target.conninfo, kwargs, timeout)
+        try:
+            if self._configure is not None:
+                self._configure(conn)
+                state = self._driver.state(conn)
+                if state is not ConnState.IDLE:
+                    raise PoolError(f"the configure callback left the connection {state.value}")
+        except BaseException:
+            self._driver.close(conn)
+            raise
+        return conn
+
+    def open_dedicated(self, timeout: float) -> Any:
+        """A connection outside the pool, opened as the pool opens its own (no slot, not
+        counted). Errors come redacted. Switches."""
+        try:
+            with gevent.Timeout(timeout, _ConnectTimeout):
+                return self._connect_configured(timeout)
+        except (Exception, _ConnectTimeout) as ex:
+            raise ConnectError(
+                f"pool {self._pool.name!r}: a dedicated connection failed "
+                f"({self.target.description}): {self.target.redact(describe_error(ex))}"
+            ) from None
 
     def _new_record(self, conn: Any) -> Record:
         s = self._pool.settings

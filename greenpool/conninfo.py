@@ -238,6 +238,12 @@ class Redactor:
             text = text.replace(secret, self.MASK)
         return text
 
+    def add(self, secrets: Iterable[str]) -> None:
+        """Mask these too from now on (secrets made at run time: rotated passwords)."""
+        new = {s for s in secrets if s} - set(self._secrets)
+        if new:
+            self._secrets = sorted({*self._secrets, *new}, key=len, reverse=True)
+
     def __repr__(self) -> str:
         return f"<Redactor of {len(self._secrets)} secret(s)>"
 
@@ -268,6 +274,20 @@ def without_pool_keys(conninfo: str) -> str:
     """The conninfo as libpq should get it (pool settings removed), for dedicated
     connections opened outside the pool."""
     return split_conninfo(conninfo).conninfo
+
+
+class ConninfoText(str):
+    """A conninfo whose repr masks its secrets; ``str()`` is the real text for libpq."""
+
+    def __new__(cls, text: str, redact: Redactor) -> ConninfoText:
+        obj = super().__new__(cls, text)
+        obj._redact = redact
+        return obj
+
+    _redact: Redactor
+
+    def __repr__(self) -> str:
+        return repr(self._redact(str(self)))
 
 
 @dataclass

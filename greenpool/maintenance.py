@@ -10,6 +10,7 @@ for what is missing. It logs and survives its own errors.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,8 @@ class Maintenance:
         self._wake = Event()
         self._check_soon = False
         self.idle_destroy_count = 0
+        #: Extra checks run on every pass (leak scan, health alerts); never switch.
+        self.tasks: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ the greenlet
 
@@ -76,6 +79,8 @@ class Maintenance:
                     self.health_check()
                     next_check = monotonic() + pool.settings.health_check_period
                 self._connector.grow()
+                for task in self.tasks:
+                    task()
             except Exception:
                 logger.exception("pool %r: maintenance error (continuing)", pool.name)
             self._wake.wait(_interval(pool.settings))
@@ -214,5 +219,6 @@ class Maintenance:
 
 
 def _interval(s: PoolSettings) -> float:
-    return max(0.05, min(1.0, s.health_check_period, s.max_idle / 2, s.max_lifetime / 4))
+    leaks = s.leak_threshold / 2 if s.leak_threshold else 1.0
+    return max(0.05, min(1.0, s.health_check_period, s.max_idle / 2, s.max_lifetime / 4, leaks))
 

@@ -55,12 +55,16 @@ class Record:
     """The pool's record of one connection."""
 
     __slots__ = (
+        "borrow_stack",
         "client_state",
         "conn",
         "created",
         "expires_at",
         "generation",
         "idle_since",
+        "leak_reported",
+        "lent_at",
+        "owner",
         "session_settings",
     )
 
@@ -71,6 +75,11 @@ class Record:
         self.generation = generation
         self.client_state: Any = None  # the driver's snapshot of client attributes
         self.session_settings: list[tuple[str, str]] | None = None  # set by `configure`
+        # Only while tracers or leak detection are on (see tracing.py, leaks.py):
+        self.lent_at = 0.0
+        self.owner: Any = None
+        self.borrow_stack: Any = None
+        self.leak_reported = False
 
 
 class Connection(Generic[ConnT]):

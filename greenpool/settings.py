@@ -35,6 +35,8 @@ class PoolSettings:
     ping_timeout: float = 5.0
     connect_timeout: float = 10.0
     max_connecting: int = 2
+    leak_threshold: float | None = None  # log connections held longer (off by default)
+    saturation_warning_after: float = 30.0  # warn after this long at >= 90 % in use
 
     def lifetime_jitter(self) -> float:
         """Jitter in seconds: explicit, or 5% of max_lifetime."""
@@ -55,10 +57,14 @@ class PoolSettings:
             "check_idle_after",
             "ping_timeout",
             "connect_timeout",
+            "saturation_warning_after",
         ):
             _check_seconds(name, getattr(self, name))
-        if self.max_lifetime_jitter is not None:
-            _check_seconds("max_lifetime_jitter", self.max_lifetime_jitter)
+        for name in ("max_lifetime_jitter", "leak_threshold"):
+            if getattr(self, name) is not None:
+                _check_seconds(name, getattr(self, name))
+        if self.leak_threshold is not None and self.leak_threshold <= 0:
+            raise ValueError(f"leak_threshold: must be greater than 0, got {self.leak_threshold}")
         if self.max_size < 1:
             raise ValueError(f"max_size: must be at least 1, got {self.max_size}")
         if self.max_size > MAX_POOL_SIZE:

@@ -86,6 +86,19 @@ COUNTERS = (
         "greenpool_check_failures",
         "Connections that failed a check.",
     ),
+    Stat(
+        "leaked_count",
+        "counter",
+        "greenpool_leaks",
+        "Borrows held longer than leak_threshold (each logged once with its stack).",
+    ),
+    Stat(
+        "reclaimed_count",
+        "counter",
+        "greenpool_reclaimed",
+        "Connections reclaimed because their borrowing greenlet ended without giving "
+        "them back.",
+    ),
 )
 #: Counters of closed connections, by reason (one Prometheus metric with a label).
 CLOSED_REASONS = {
@@ -130,6 +143,8 @@ def snapshot(pool: GreenPool[Any]) -> dict[str, Any]:
         "lifetime_destroy_count": vetting.lifetime_destroy_count,
         "broken_destroy_count": vetting.broken_destroy_count,
         "check_failed_count": vetting.check_failed_count,
+        "leaked_count": pool._leaks.leaked_count if pool._leaks else 0,
+        "reclaimed_count": pool._leaks.reclaimed_count if pool._leaks else 0,
         "failing": failing,
         "last_error": connector.last_error if failing else None,
     }
