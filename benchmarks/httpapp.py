@@ -43,6 +43,7 @@ def _make_borrow() -> Callable[[], AbstractContextManager[Any]] | None:
             max_size=MAX_SIZE,
             name=APP_NAME,
             kwargs=kwargs,
+            reset=None,  # same work as psycopg_pool, which resets nothing
             open=False,
         )
         gpool.open(wait=True, timeout=30.0)
