@@ -22,19 +22,20 @@ import gevent
 from gevent import getcurrent
 
 from greenpool import conninfo as _ci
-from greenpool import fork
+from greenpool import fork, pooler
 from greenpool.alerts import Alerts
 from greenpool.connector import Connector
 from greenpool.cooperation import cooperation_problems
 from greenpool.drivers import Driver, get_driver
 from greenpool.errors import ConnectError, CooperationError, PoolClosed, PoolError, PoolTimeout
+from greenpool.hosts import WRITABLE, HostTable
 from greenpool.leaks import LeakDetector
 from greenpool.maintenance import Maintenance
 from greenpool.pool import CLOSED, FORKED, NEW, OPEN, Connection, ConnT, Pool
 from greenpool.settings import PoolSettings, build_settings, seconds
 from greenpool.stats import snapshot
 from greenpool.tracing import Tracer, Tracers
-from greenpool.vetting import Vetting, get_reset_policy, redacted_copy
+from greenpool.vetting import Vetting, redacted_copy
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -96,6 +97,7 @@ class GreenPool(Pool[ConnT]):
         on_release: Tracer | None = None,
         leak_threshold: float | None = None,
         saturation_warning_after: float | None = None,
+        pooler_mode: str | None = None,
     ) -> None:
         app = None
         if not isinstance(conninfo, str) and hasattr(conninfo, "extensions"):
@@ -110,13 +112,23 @@ class GreenPool(Pool[ConnT]):
                 "application_name and a metric label)"
             )
         adapter = get_driver(driver)
-        policy = get_reset_policy(reset)
         target, settings = self._parse(conninfo, adapter, pool_name)
+        self.pooler_mode = pooler.mode(pooler_mode, self._conninfo_pooler_mode)
+        policy = pooler.reset_policy(self.pooler_mode, reset)
+        pooler.adjust_target(self.pooler_mode, target, adapter)
         super().__init__(pool_name, adapter, settings)
         self.target = target
-        self._vetting = Vetting(self, adapter, policy, check, target.redact)
+        self.hosts = HostTable(target.target_session_attrs)
+        self._vetting = Vetting(self, adapter, policy, check, target.redact, self.hosts)
         self._connector = Connector(
-            self, adapter, target, self._vetting, configure, reconnect_failed, before_connect
+            self,
+            adapter,
+            target,
+            self._vetting,
+            configure,
+            reconnect_failed,
+            before_connect,
+            self.hosts,
         )
         self._maintenance = Maintenance(self, self._connector, self._vetting)
         self.tracers = Tracers(self)
@@ -132,6 +144,9 @@ class GreenPool(Pool[ConnT]):
         self._clean = self._vetting.clean
         self._cleaning_needed = policy.needed
         self._on_broken = lambda: self._maintenance.wake(check=True)
+        self._vetting.on_read_only = self._host_turned_read_only
+        self._vetting.warn_session_features = self.pooler_mode == "transaction"
+        self._on_read_only_error = self._read_only_error
         self._restart = self._restart_after_fork
         self._hub: Any = None
         fork.track(self)
@@ -150,6 +165,7 @@ class GreenPool(Pool[ConnT]):
         """Validate the conninfo (any object: a non-string is refused by name) and merge
         the settings it carries with the explicit ones."""
         target, from_conninfo = _ci.make_target(conninfo, self._kwargs, name)
+        self._conninfo_pooler_mode = target.pooler_mode
         settings = build_settings(self._explicit, from_conninfo)
         if target.conninfo.strip():
             driver.validate_conninfo(target.conninfo)
@@ -167,8 +183,10 @@ class GreenPool(Pool[ConnT]):
 
     def _set_target(self, conninfo: str) -> None:
         target, settings = self._parse(conninfo, self._driver, self.name)
+        pooler.adjust_target(self.pooler_mode, target, self._driver)
         self.settings = settings  # only once everything was accepted
         self.target = self._connector.target = target
+        self.hosts.wants_writable = target.target_session_attrs in WRITABLE
         self._vetting._redact = target.redact
 
     @property
@@ -290,6 +308,27 @@ class GreenPool(Pool[ConnT]):
 
     def _timeout_message(self, waited: float) -> str:
         return super()._timeout_message(waited) + self._connector.error_suffix()
+
+    def _host_turned_read_only(self, host: str) -> None:
+        """A server this pool wrote to now reports read-only (demoted, or
+        default_transaction_read_only switched on): every connection goes, new ones
+        follow target_session_attrs. Never switches."""
+        logger.warning(
+            "pool %r: server %s turned read-only; reconnecting every connection%s",
+            self.name,
+            host,
+            "" if self.hosts.wants_writable else " (set target_session_attrs=read-write to "
+            "skip read-only hosts when reconnecting)",
+        )
+        if self._state == OPEN:
+            self._maintenance.reconnect_all()
+
+    def _read_only_error(self, conn: Any) -> None:
+        """A borrower got SQLSTATE 25006 (read-only transaction): look at the server's role
+        now. Never switches."""
+        rec = self._lent.get(id(conn))
+        if rec is not None:
+            self._vetting.observe_role(rec)
 
     def _restart_after_fork(self) -> None:
         self._hub = gevent.get_hub()

@@ -23,6 +23,7 @@ from gevent.event import Event
 from greenpool.conninfo import SECRET_KEYS, Target
 from greenpool.drivers.base import ConnState, Driver
 from greenpool.errors import ConnectError, PoolError
+from greenpool.hosts import Attempt, HostTable
 from greenpool.pool import OPEN, Record
 from greenpool.vetting import describe_error
 
@@ -57,6 +58,7 @@ class Connector:
         configure: Callable[[Any], None] | None,
         reconnect_failed: Callable[[Any], None] | None,
         before_connect: Callable[[dict[str, Any]], None] | None = None,
+        hosts: HostTable | None = None,
     ) -> None:
         self._pool = pool
         self._driver = driver
@@ -65,6 +67,7 @@ class Connector:
         self._configure = configure
         self._reconnect_failed = reconnect_failed
         self._before_connect = before_connect
+        self.hosts = hosts if hosts is not None else HostTable(None)
         self._greenlets: set[Greenlet] = set()
         self._epoch = 0  # bumped in a forked child: older connectors stop
         self.wait_target = 0  # connections wait() wants even when min_size is 0
@@ -152,6 +155,7 @@ class Connector:
                 conn = self._connect_configured(timeout)
                 try:
                     rec = self._new_record(conn)
+                    rec.host = self._driver.host_of(conn)
                     self._vetting.after_connect(rec, self._configure is not None)
                 except BaseException:
                     self._driver.close(conn)
@@ -180,12 +184,12 @@ class Connector:
         """Connect (``before_connect`` may change the connect keywords, e.g. a fresh IAM
         token as the password) and run ``configure``. Switches."""
         target = self.target
-        kwargs = target.kwargs
+        kwargs = target.attempt_kwargs if target.attempts else target.kwargs
         if self._before_connect is not None:
-            kwargs = dict(kwargs)
+            kwargs = dict(kwargs)  # type: ignore[arg-type]
             self._before_connect(kwargs)
             target.redact.add(str(v) for k, v in kwargs.items() if k in SECRET_KEYS and v)
-        conn = self._driver.connect(target.conninfo, kwargs, timeout)
+        conn = self._connect_some_host(kwargs, timeout)  # type: ignore[arg-type]
         try:
             if self._configure is not None:
                 self._configure(conn)
@@ -196,6 +200,50 @@ class Connector:
             self._driver.close(conn)
             raise
         return conn
+
+    def _connect_some_host(self, kwargs: dict[str, Any], timeout: float) -> Any:
+        """Connect to the one host, or try the hosts in libpq's order, each within its own
+        bound and all within ``timeout``. Switches."""
+        driver = self._driver
+        target = self.target
+        if not target.attempts:
+            try:
+                conn = driver.connect(target.conninfo, kwargs, timeout)
+            except Exception:
+                self.hosts.connect_failed(self._label())
+                raise
+        else:
+            conn = self._try_hosts(target.attempts, kwargs, timeout)
+        try:
+            host = driver.host_of(conn)
+            read_only = driver.server_read_only(conn)
+            if read_only is not None:
+                self.hosts.saw_role(host, read_only)
+        except Exception:
+            driver.close(conn)
+            raise
+        return conn
+
+    def _try_hosts(self, attempts: list[Attempt], kwargs: dict[str, Any], timeout: float) -> Any:
+        deadline = monotonic() + timeout
+        failures: list[str] = []
+        for attempt in attempts:
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                failures.append(f"{attempt.host}: not tried (connect_timeout reached)")
+                break
+            try:
+                return self._driver.connect(
+                    attempt.conninfo, kwargs, min(remaining, attempt.timeout)
+                )
+            except Exception as ex:
+                self.hosts.connect_failed(attempt.host)
+                failures.append(f"{attempt.host}: {describe_error(ex)}")
+        raise ConnectionError("no host accepted the connection: " + "; ".join(failures))
+
+    def _label(self) -> str:
+        params = self.target.params
+        return f"{params.get('host') or params.get('hostaddr', '')}:{params.get('port', '')}"
 
     def open_dedicated(self, timeout: float) -> Any:
         """A connection outside the pool, opened as the pool opens its own (no slot, not

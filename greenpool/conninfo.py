@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
+from greenpool.hosts import Attempt, host_attempts
+
 # pgxpool's parameter name -> GreenPool keyword, and whether it is a duration.
 POOL_PARAMS: dict[str, tuple[str, bool]] = {
     "pool_max_conns": ("max_size", False),
@@ -27,11 +29,13 @@ POOL_PARAMS: dict[str, tuple[str, bool]] = {
     "pool_max_conn_lifetime_jitter": ("max_lifetime_jitter", True),
     "pool_max_conn_idle_time": ("max_idle", True),
     "pool_health_check_period": ("health_check_period", True),
+    "pool_pooler_mode": ("pooler_mode", False),
 }
 
 SECRET_KEYS = frozenset({"password", "sslpassword", "oauth_client_secret"})
 _SAFE_KEYS = ("host", "hostaddr", "port", "dbname", "user", "application_name")
 _URL_PREFIXES = ("postgresql://", "postgres://")
+_HOST_KEYS = ("host", "hostaddr", "port", "target_session_attrs", "load_balance_hosts")
 _LIBPQ_SPACE = " \t\n\r\f\v"  # C isspace() in libpq: ASCII only
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -80,6 +84,7 @@ class ParsedConninfo:
     conninfo: str
     pool_settings: dict[str, Any] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
+    pooler_mode: str | None = None  # pool_pooler_mode, if the conninfo set it
 
     def __repr__(self) -> str:
         return f"ParsedConninfo({describe(self.params, {})!r}, pool_settings={self.pool_settings})"
@@ -90,7 +95,9 @@ def _take_pool_param(key: str, value: str, settings: dict[str, Any]) -> None:
         known = ", ".join(sorted(POOL_PARAMS))
         raise ValueError(f"conninfo: unknown pool parameter {key!r} (known: {known})")
     kwarg, is_duration = POOL_PARAMS[key]
-    if is_duration:
+    if kwarg == "pooler_mode":
+        settings[kwarg] = value.strip()
+    elif is_duration:
         settings[kwarg] = parse_duration(value, name=key)
     else:
         settings[kwarg] = parse_whole_number(value, name=key)
@@ -221,7 +228,8 @@ def split_conninfo(conninfo: str) -> ParsedConninfo:
             "conninfo: a host name contains '@'; percent-encode '@' in the URL's user name or "
             "password as %40"
         )
-    return ParsedConninfo(clean, settings, params)
+    pooler_mode = settings.pop("pooler_mode", None)
+    return ParsedConninfo(clean, settings, params, pooler_mode)
 
 
 class Redactor:
@@ -299,6 +307,12 @@ class Target:
     params: dict[str, str]  # libpq's reading of conninfo (secrets included)
     redact: Redactor
     description: str  # host, port, dbname, user: never a secret
+    #: One bounded attempt per host when the conninfo lists several (see greenpool.hosts);
+    #: each attempt's conninfo names its host, and ``attempt_kwargs`` leave them out.
+    attempts: list[Attempt] | None = None
+    attempt_kwargs: dict[str, Any] | None = None
+    target_session_attrs: str | None = None
+    pooler_mode: str | None = None  # pool_pooler_mode from the conninfo
 
     def __repr__(self) -> str:
         return f"<Target {self.description}>"
@@ -312,9 +326,16 @@ def make_target(
     enforces it). Raises ValueError naming what is wrong."""
     parsed = split_conninfo(conninfo)
     settings = dict(parsed.pool_settings)
+    merged = dict(parsed.params)
+    merged.update({k: str(kwargs[k]) for k in _HOST_KEYS if kwargs.get(k) is not None})
     timeout_param = parsed.params.get("connect_timeout") or kwargs.get("connect_timeout")
+    per_host = None
     if timeout_param is not None:
-        settings["connect_timeout"] = parse_duration(str(timeout_param), name="connect_timeout")
+        # libpq's connect_timeout bounds each host; the pool's connect_timeout all of them.
+        per_host = parse_duration(str(timeout_param), name="connect_timeout")
+    attempts = host_attempts(merged, per_host)
+    if per_host is not None:
+        settings["connect_timeout"] = max(per_host, 0.001) * (len(attempts) if attempts else 1)
     connect_kwargs = dict(kwargs)
     if "application_name" not in parsed.params and "application_name" not in kwargs:
         connect_kwargs["application_name"] = application_name
@@ -326,5 +347,13 @@ def make_target(
         description=describe(
             parsed.params, {k: v for k, v in kwargs.items() if k not in SECRET_KEYS}
         ),
+        attempts=attempts,
+        attempt_kwargs=(
+            {k: v for k, v in connect_kwargs.items() if k not in _HOST_KEYS}
+            if attempts
+            else None
+        ),
+        target_session_attrs=merged.get("target_session_attrs"),
+        pooler_mode=parsed.pooler_mode,
     )
     return target, settings

@@ -48,6 +48,7 @@ logger = logging.getLogger("greenpool")
 ConnT = TypeVar("ConnT")
 
 NEW, OPEN, CLOSED, FORKED = "new", "open", "closed", "forked"
+READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction
 _IDLE, _IN_TRANSACTION, _IN_ERROR = ConnState.IDLE, ConnState.IN_TRANSACTION, ConnState.IN_ERROR
 
 
@@ -61,6 +62,7 @@ class Record:
         "created",
         "expires_at",
         "generation",
+        "host",
         "idle_since",
         "leak_reported",
         "lent_at",
@@ -73,6 +75,7 @@ class Record:
         self.created = self.idle_since = monotonic()
         self.expires_at = expires_at
         self.generation = generation
+        self.host = ""  # "host:port" of its server (see greenpool.hosts)
         self.client_state: Any = None  # the driver's snapshot of client attributes
         self.session_settings: list[tuple[str, str]] | None = None  # set by `configure`
         # Only while tracers or leak detection are on (see tracing.py, leaks.py):
@@ -111,6 +114,8 @@ class Connection(Generic[ConnT]):
         pool, conn = self._pool, self._conn
         self._conn = None
         state: ConnState | None = None  # None: the release reads it afresh
+        if exc is not None and getattr(exc, "sqlstate", None) == READ_ONLY_SQLSTATE:
+            pool._on_read_only_error(conn)  # a demoted primary? (greenpool.hosts)
         try:
             if exc_type is None:
                 state = pool._driver.state(conn)
@@ -160,6 +165,7 @@ class Pool(Generic[ConnT]):
         self._cleaning_needed = True  # False: an IDLE connection goes straight back
         self._on_broken: Callable[[], None] = _no_policy
         self._restart: Callable[[], None] = _no_policy
+        self._on_read_only_error: Callable[[Any], None] = _no_policy
         # Counters (see greenpool.stats).
         self.acquire_count = 0
         self.peak_acquired = 0

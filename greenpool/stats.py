@@ -147,4 +147,12 @@ def snapshot(pool: GreenPool[Any]) -> dict[str, Any]:
         "reclaimed_count": pool._leaks.reclaimed_count if pool._leaks else 0,
         "failing": failing,
         "last_error": connector.last_error if failing else None,
+        "hosts": pool.hosts.snapshot(_connections_by_host(pool)),
     }
+
+
+def _connections_by_host(pool: GreenPool[Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rec in (*pool._idle, *pool._lent.values()):
+        counts[rec.host] = counts.get(rec.host, 0) + 1
+    return counts

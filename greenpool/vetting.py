@@ -34,6 +34,7 @@ import gevent
 from gevent import Greenlet
 
 from greenpool.drivers.base import ConnState, Driver
+from greenpool.hosts import HostTable
 
 if TYPE_CHECKING:
     from greenpool.pool import Pool, Record
@@ -123,8 +124,14 @@ class Vetting:
         policy: ResetPolicy,
         check: Callable[[Any], None] | None,
         redact: Callable[[str], str],
+        hosts: HostTable | None = None,
     ) -> None:
         self._pool = pool
+        self.hosts = hosts if hosts is not None else HostTable(None)
+        #: Called with a host that turned read-only (GreenPool reconnects everything).
+        self.on_read_only: Callable[[str], None] = lambda host: None
+        #: Behind a transaction pooler: warn (once) when a borrower used LISTEN.
+        self.warn_session_features = False
         self._driver = driver
         self.policy = policy
         self._check = check
@@ -223,7 +230,26 @@ class Vetting:
             )
             return False
         self.checks_failed_in_row = 0
+        if self.observe_role(rec):
+            self._pool._discard(rec)
+            return False
         return True
+
+    def observe_role(self, rec: Record) -> bool:
+        """Read the server's role from its ParameterStatus reports (no I/O). When its
+        server turned read-only and that matters (the pool asked for a writable server, or
+        the host was seen writable before), tell the pool (which reconnects everything)
+        and return True: this connection must not be lent. Never switches."""
+        read_only = self._driver.server_read_only(rec.conn)
+        if read_only is None:
+            return False
+        hosts = self.hosts
+        was = hosts.role(rec.host)
+        hosts.saw_role(rec.host, read_only)
+        if read_only and (hosts.wants_writable or was == "primary"):
+            self.on_read_only(rec.host)
+            return True
+        return False
 
     # ------------------------------------------------------------------ release
 
@@ -234,6 +260,8 @@ class Vetting:
         connection counts as broken (the pool then cancels its query and closes it).
         Switches, except for an idle connection under a client-side-only policy."""
         if state is ConnState.IDLE and not self.policy.server_side:
+            if self.warn_session_features:
+                self._warn_listen(rec.conn)
             if rec.client_state is not None:  # no I/O, so no timer either
                 self._driver.restore_client_state(rec.conn, rec.client_state)
             return state
@@ -250,6 +278,16 @@ class Vetting:
         if state is not ConnState.IDLE:
             self.broken_destroy_count += 1
         return state
+
+    def _warn_listen(self, conn: Any) -> None:
+        if getattr(conn, "_notify_handlers", None) or getattr(conn, "_notifies_backlog", None):
+            self.warn_session_features = False  # once
+            logger.warning(
+                "pool %r: a borrower used LISTEN behind a transaction pooler "
+                "(pooler_mode='transaction'): notifications need a session pooler or a "
+                "dedicated connection (pool.connect_dedicated())",
+                self._pool.name,
+            )
 
     def _clean(self, rec: Record, state: ConnState) -> ConnState:
         driver = self._driver
@@ -272,6 +310,8 @@ class Vetting:
             if policy.func is not None:
                 policy.func(conn)
             state = driver.state(conn)
+            if state is ConnState.IDLE and self.observe_role(rec):
+                return ConnState.BROKEN  # its server turned read-only
         return state
 
     def after_connect(self, rec: Record, configured: bool) -> None:

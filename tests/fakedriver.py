@@ -103,6 +103,12 @@ class FakeDriver:
     def backend_pid(self, conn: FakeConn) -> int | None:
         return conn.id
 
+    def host_of(self, conn: FakeConn) -> str:
+        return "fake:5432"
+
+    def server_read_only(self, conn: FakeConn) -> bool | None:
+        return None
+
     def is_connection(self, obj: Any) -> bool:
         return isinstance(obj, FakeConn)
 

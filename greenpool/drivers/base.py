@@ -71,5 +71,13 @@ class Driver(Protocol):
 
     def backend_pid(self, conn: Any) -> int | None: ...
 
+    def host_of(self, conn: Any) -> str:
+        """``host:port`` of the server ``conn`` is connected to. No I/O."""
+
+    def server_read_only(self, conn: Any) -> bool | None:
+        """Whether the server said it is read-only (``in_hot_standby`` or
+        ``default_transaction_read_only`` in its ParameterStatus reports, PostgreSQL 14+);
+        None when it did not say. No I/O."""
+
     def is_connection(self, obj: Any) -> bool:
         """Whether ``obj`` is a connection of this driver (for clear errors on misuse)."""

@@ -95,6 +95,22 @@ class LibpqDriver:
         except Exception:
             return None
 
+    def host_of(self, conn: Any) -> str:
+        try:
+            return f"{conn.info.host}:{conn.info.port}"
+        except Exception:
+            return "unknown"
+
+    def _parameter(self, conn: Any, name: str) -> str | None:
+        raise NotImplementedError
+
+    def server_read_only(self, conn: Any) -> bool | None:
+        standby = self._parameter(conn, "in_hot_standby")
+        read_only = self._parameter(conn, "default_transaction_read_only")
+        if standby is None and read_only is None:
+            return None
+        return standby == "on" or read_only == "on"
+
     def client_state(self, conn: Any) -> tuple[Any, ...]:
         """The client-side attributes and callback lists of ``conn`` (``CLIENT_ATTRS``,
         ``CLIENT_LISTS``). No I/O."""

@@ -96,6 +96,10 @@ class Psycopg2Driver(LibpqDriver):
         if conn.notices:
             del conn.notices[:]
 
+    def _parameter(self, conn: Any, name: str) -> str | None:
+        value = conn.get_parameter_status(name)
+        return str(value) if value is not None else None
+
     def state(self, conn: Any) -> ConnState:
         if conn.closed:
             return ConnState.BROKEN
@@ -113,12 +117,24 @@ def _make_cancelling_callback(wait: Any) -> Any:
         try:
             wait(conn, timeout)
         except BaseException:
-            with contextlib.suppress(BaseException):
-                _cancel_cooperatively(conn, 2.0)
+            # A query in flight: cancel it on the server. Not while connecting: there is
+            # nothing to cancel, and the cancel would only spend the connect's budget.
+            if _query_in_flight(conn):
+                with contextlib.suppress(BaseException):
+                    _cancel_cooperatively(conn, 2.0)
             raise
 
     greenpool_wait_callback.greenpool = True  # type: ignore[attr-defined]
     return greenpool_wait_callback
+
+
+def _query_in_flight(conn: Any) -> bool:
+    try:
+        import psycopg2.extensions as ext
+
+        return bool(conn.info.transaction_status == ext.TRANSACTION_STATUS_ACTIVE)
+    except Exception:
+        return False
 
 
 # psycopg2's conn.cancel() runs the blocking PQcancel() *holding the GIL*: in a thread it

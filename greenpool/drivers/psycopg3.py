@@ -143,6 +143,10 @@ class Psycopg3Driver(LibpqDriver):
         if backlog:
             backlog.clear()
 
+    def _parameter(self, conn: Any, name: str) -> str | None:
+        value = conn.pgconn.parameter_status(name.encode())
+        return value.decode() if value is not None else None
+
     def state(self, conn: Any) -> ConnState:
         # libpq reports UNKNOWN for a closed or broken connection: no need to ask more.
         return self._status.get(conn.pgconn.transaction_status, ConnState.BROKEN)

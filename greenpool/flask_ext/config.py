@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from greenpool import conninfo as _ci
+from greenpool import pooler
 from greenpool.errors import PoolError
 from greenpool.settings import PoolSettings, build_settings
-from greenpool.vetting import get_reset_policy
 
 PREFIX = "GREENPOOL_"
 DEFAULT = "default"  # display name of the database configured at the top level
@@ -28,10 +28,29 @@ _HINTS = typing.get_type_hints(PoolSettings)
 #: Pool settings (PoolSettings fields) and whether each is a whole number.
 POOL_SETTINGS: dict[str, bool] = {f.name: _HINTS[f.name] is int for f in fields(PoolSettings)}
 #: Per-database keys besides the numeric pool settings.
-DATABASE_KEYS = ("conninfo", "kwargs", "driver", "name", "configure", "check", "reset")
-DATABASE_CALLBACKS = ("configure", "check", "reconnect_failed")
+DATABASE_KEYS = (
+    "conninfo",
+    "kwargs",
+    "driver",
+    "name",
+    "configure",
+    "check",
+    "reset",
+    "before_connect",
+    "pooler_mode",
+)
+DATABASE_CALLBACKS = ("configure", "check", "reconnect_failed", "before_connect")
 #: Keys a bind inherits from the top level when it does not set them itself.
-INHERITED = (*POOL_SETTINGS, "driver", "configure", "check", "reset", "reconnect_failed")
+INHERITED = (
+    *POOL_SETTINGS,
+    "driver",
+    "configure",
+    "check",
+    "reset",
+    "reconnect_failed",
+    "before_connect",
+    "pooler_mode",
+)
 #: Keys that only make sense at the top level.
 EXTENSION_KEYS = (
     "binds",
@@ -67,6 +86,8 @@ class DatabaseConfig:
     check: Callable[[Any], None] | None = None
     reset: Callable[[Any], None] | str | None = "default"
     reconnect_failed: Callable[[Any], None] | None = None
+    before_connect: Callable[[dict[str, Any]], None] | None = None
+    pooler_mode: str | None = None
 
     def __repr__(self) -> str:
         # Never the conninfo or kwargs: they may carry a password, and this object is a
@@ -89,6 +110,8 @@ class DatabaseConfig:
             "check": self.check,
             "reset": self.reset,
             "reconnect_failed": self.reconnect_failed,
+            "before_connect": self.before_connect,
+            "pooler_mode": self.pooler_mode,
         }
 
     def effective_settings(self) -> PoolSettings:
@@ -224,7 +247,11 @@ def _database(
         if value is not None and not callable(value):
             raise ConfigError(f"{labels(name)}: expected a callable, got {type(value).__name__}")
     try:
-        get_reset_policy(raw.get("reset", "default"))
+        pooler_mode = pooler.mode(raw.get("pooler_mode"), parsed.pooler_mode)
+    except ValueError as ex:
+        raise ConfigError(f"{labels('pooler_mode')}: {str(ex).partition(': ')[2]}") from None
+    try:
+        pooler.reset_policy(pooler_mode, raw.get("reset", "default"))
     except ValueError as ex:
         raise ConfigError(f"{labels('reset')}: {str(ex).partition(': ')[2] or ex}") from None
     name = raw.get("name") or pool_name
@@ -243,6 +270,8 @@ def _database(
         check=raw.get("check"),
         reset=raw.get("reset", "default"),
         reconnect_failed=raw.get("reconnect_failed"),
+        before_connect=raw.get("before_connect"),
+        pooler_mode=pooler_mode,
     )
 
 
