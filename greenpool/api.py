@@ -32,6 +32,7 @@ from greenpool.hosts import WRITABLE, HostTable
 from greenpool.leaks import LeakDetector
 from greenpool.maintenance import Maintenance
 from greenpool.pool import CLOSED, FORKED, NEW, OPEN, Connection, ConnT, Pool
+from greenpool.routing import TOKEN_SQL, Router, replica_specs
 from greenpool.settings import PoolSettings, build_settings, seconds
 from greenpool.stats import snapshot
 from greenpool.tracing import Tracer, Tracers
@@ -98,6 +99,10 @@ class GreenPool(Pool[ConnT]):
         leak_threshold: float | None = None,
         saturation_warning_after: float | None = None,
         pooler_mode: str | None = None,
+        replicas: list[str | dict[str, Any]] | None = None,
+        max_replica_lag: float = 5.0,
+        replica_fallback: str = "primary",
+        replica_check_period: float = 1.0,
     ) -> None:
         app = None
         if not isinstance(conninfo, str) and hasattr(conninfo, "extensions"):
@@ -139,6 +144,39 @@ class GreenPool(Pool[ConnT]):
             self._leaks = LeakDetector(self, self.tracers, settings.leak_threshold)
             self._maintenance.tasks.append(self._leaks.scan)
         self._maintenance.tasks.append(Alerts(self))
+        self._router: Router | None = None
+        specs = replica_specs(replicas)
+        if specs:
+            inherited = {k: v for k, v in self._explicit.items() if k not in ("min_size",)}
+            pools: list[GreenPool[Any]] = [
+                GreenPool(
+                    spec_conninfo,
+                    **{
+                        **inherited,
+                        "min_size": 0,
+                        **spec,
+                        "name": spec.get("name") or f"{pool_name[:54]}-replica{i}",
+                        "driver": driver,
+                        "reset": reset,
+                        "configure": configure,
+                        "check": check,
+                        "kwargs": kwargs,
+                        "before_connect": before_connect,
+                        "open": False,
+                    },
+                )
+                for i, (spec_conninfo, spec) in enumerate(specs)
+            ]
+            self._router = Router(
+                self,
+                pools,
+                seconds("max_replica_lag", max_replica_lag),
+                replica_fallback,
+                max(0.05, seconds("replica_check_period", replica_check_period)),
+            )
+            router = self._router
+            self._getconn_read_only = router.getconn
+            self._release_foreign = router.release
         self._grow = self._connector.grow
         self._vet = self._vetting.checkout
         self._clean = self._vetting.clean
@@ -232,6 +270,8 @@ class GreenPool(Pool[ConnT]):
         self._state = OPEN
         self._hub = gevent.get_hub()
         self._maintenance.start()
+        if self._router is not None:
+            self._router.start()
         logger.info("pool %r opened (%s)", self.name, self.target.description)
         if wait:
             try:
@@ -295,6 +335,8 @@ class GreenPool(Pool[ConnT]):
         self._state = CLOSED
         gevent.killall(to_kill, block=False)
         self._connector.notify_outcome()
+        if self._router is not None:
+            self._router.close(timeout)
         self._close_mechanism(timeout)
         if not was_new:
             logger.info("pool %r closed", self.name)
@@ -430,6 +472,12 @@ class GreenPool(Pool[ConnT]):
         first use and given back when the request ends (needs :meth:`init_app`)."""
         raise RuntimeError("db.conn serves Flask requests: call db.init_app(app) first")
 
+    @property
+    def read_conn(self) -> ConnT:
+        """The current Flask request's connection for reads (a replica's, see
+        ``GREENPOOL_REPLICAS``; needs :meth:`init_app`)."""
+        raise RuntimeError("db.read_conn serves Flask requests: call db.init_app(app) first")
+
     def get_conn(self, name: str | None = None) -> Any:
         """The current Flask request's connection to database ``name`` (a bind)."""
         raise RuntimeError("db.get_conn() serves Flask requests: call db.init_app(app) first")
@@ -440,13 +488,27 @@ class GreenPool(Pool[ConnT]):
         raise RuntimeError("db.release() serves Flask requests: call db.init_app(app) first")
 
     def connection(
-        self, timeout: float | None = None, *, name: str | None = None, app: Flask | None = None
+        self,
+        timeout: float | None = None,
+        *,
+        read_only: bool = False,
+        after: str | None = None,
+        name: str | None = None,
+        app: Flask | None = None,
     ) -> Connection[ConnT]:
         """Context manager lending a connection; commits on success, rolls back on error.
 
-        ``name``/``app`` pick a database of a Flask app (binds). Switches while waiting."""
+        ``read_only=True`` borrows from a replica (``after``: a :meth:`commit_token` the
+        replica must have replayed); ``name``/``app`` pick a database of a Flask app
+        (binds). Switches while waiting."""
         if name is None and app is None:
-            return Connection(self, timeout)
+            return Connection(self, timeout, read_only, after)
         from greenpool.flask_ext.extension import pool_of
 
-        return pool_of(self, name, app).connection(timeout)
+        return pool_of(self, name, app).connection(timeout, read_only=read_only, after=after)
+
+    def commit_token(self, conn: Any) -> str:
+        """After a commit on ``conn`` (a primary connection): the WAL position a replica
+        must have replayed to show it; pass it as ``connection(read_only=True,
+        after=token)``. One round trip. Switches."""
+        return self._driver.query(conn, TOKEN_SQL)[0][0]  # type: ignore[no-any-return]

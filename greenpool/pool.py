@@ -94,15 +94,26 @@ class Connection(Generic[ConnT]):
     connection goes back to the pool.
     """
 
-    __slots__ = ("_conn", "_pool", "_timeout")
+    __slots__ = ("_after", "_conn", "_pool", "_read_only", "_timeout")
 
-    def __init__(self, pool: Pool[ConnT], timeout: float | None) -> None:
+    def __init__(
+        self,
+        pool: Pool[ConnT],
+        timeout: float | None,
+        read_only: bool = False,
+        after: str | None = None,
+    ) -> None:
         self._pool = pool
         self._timeout = timeout
+        self._read_only = read_only
+        self._after = after
         self._conn: Any = None
 
     def __enter__(self) -> ConnT:
-        self._conn = self._pool.getconn(self._timeout)
+        if self._read_only:
+            self._conn = self._pool._getconn_read_only(self._timeout, self._after)
+        else:
+            self._conn = self._pool.getconn(self._timeout)
         return self._conn  # type: ignore[no-any-return]
 
     def __exit__(
@@ -166,6 +177,12 @@ class Pool(Generic[ConnT]):
         self._on_broken: Callable[[], None] = _no_policy
         self._restart: Callable[[], None] = _no_policy
         self._on_read_only_error: Callable[[Any], None] = _no_policy
+        #: Read-only borrows (replicas); the primary serves them until a router is set.
+        self._getconn_read_only: Callable[[float | None, str | None], Any] = (
+            lambda timeout, after: self.getconn(timeout)
+        )
+        #: A connection this pool did not lend: maybe a replica's (see greenpool.routing).
+        self._release_foreign: Callable[[Any, ConnState | None], bool] = lambda c, s: False
         # Counters (see greenpool.stats).
         self.acquire_count = 0
         self.peak_acquired = 0
@@ -223,20 +240,27 @@ class Pool(Generic[ConnT]):
 
     # ------------------------------------------------------------------ borrowing
 
-    def connection(self, timeout: float | None = None) -> Connection[ConnT]:
+    def connection(
+        self, timeout: float | None = None, *, read_only: bool = False, after: str | None = None
+    ) -> Connection[ConnT]:
         """Context manager lending a connection; commits on success, rolls back on error.
 
-        Switches while waiting for a connection and while committing/releasing."""
-        return Connection(self, timeout)
+        ``read_only=True`` borrows from a replica when the pool has some (``after``: a
+        commit token the replica must have replayed). Switches while waiting for a
+        connection and while committing/releasing."""
+        return Connection(self, timeout, read_only, after)
 
-    def getconn(self, timeout: float | None = None) -> ConnT:
+    def getconn(self, timeout: float | None = None, read_only: bool = False) -> ConnT:
         """Borrow a connection, waiting up to ``timeout`` seconds (default: the pool's).
 
         ``timeout=0`` tries without waiting (and still asks for the pool to grow). Raises
         PoolTimeout, TooManyRequests (queue full) or PoolClosed; give the connection back
-        with :meth:`putconn`. Never switches when a fresh idle connection is at hand;
-        otherwise switches while it waits in the queue or checks a stale connection.
+        with :meth:`putconn`. ``read_only=True`` borrows from a replica when the pool has
+        some. Never switches when a fresh idle connection is at hand; otherwise switches
+        while it waits in the queue or checks a stale connection.
         """
+        if read_only:
+            return self._getconn_read_only(timeout, None)  # type: ignore[no-any-return]
         if self._state != OPEN:
             self._check_open()
         settings = self.settings
@@ -321,6 +345,8 @@ class Pool(Generic[ConnT]):
         """putconn, with the connection's state already read by the caller (or None)."""
         rec = self._lent.pop(id(conn), None)
         if rec is None:
+            if self._release_foreign(conn, state):
+                return
             kind = "one of its connections" if self._driver.is_connection(conn) else "a connection"
             raise PoolError(
                 f"putconn: pool {self.name!r} did not lend this object or it was already "

@@ -148,6 +148,7 @@ def snapshot(pool: GreenPool[Any]) -> dict[str, Any]:
         "failing": failing,
         "last_error": connector.last_error if failing else None,
         "hosts": pool.hosts.snapshot(_connections_by_host(pool)),
+        "replicas": pool._router.snapshot() if pool._router is not None else [],
     }
 
 

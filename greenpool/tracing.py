@@ -58,7 +58,9 @@ class Tracers:
         base_getconn = type(pool).getconn
         base_release = type(pool)._release
 
-        def getconn(timeout: float | None = None) -> Any:
+        def getconn(timeout: float | None = None, read_only: bool = False) -> Any:
+            if read_only:
+                return base_getconn(pool, timeout, True)
             start = monotonic()
             conn = base_getconn(pool, timeout)
             now = monotonic()

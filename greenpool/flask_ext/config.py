@@ -38,6 +38,9 @@ DATABASE_KEYS = (
     "reset",
     "before_connect",
     "pooler_mode",
+    "replicas",
+    "max_replica_lag",
+    "replica_fallback",
 )
 DATABASE_CALLBACKS = ("configure", "check", "reconnect_failed", "before_connect")
 #: Keys a bind inherits from the top level when it does not set them itself.
@@ -88,6 +91,7 @@ class DatabaseConfig:
     reconnect_failed: Callable[[Any], None] | None = None
     before_connect: Callable[[dict[str, Any]], None] | None = None
     pooler_mode: str | None = None
+    replicas: dict[str, Any] = field(default_factory=dict)  # replicas= and friends
 
     def __repr__(self) -> str:
         # Never the conninfo or kwargs: they may carry a password, and this object is a
@@ -112,6 +116,7 @@ class DatabaseConfig:
             "reconnect_failed": self.reconnect_failed,
             "before_connect": self.before_connect,
             "pooler_mode": self.pooler_mode,
+            **self.replicas,
         }
 
     def effective_settings(self) -> PoolSettings:
@@ -272,7 +277,40 @@ def _database(
         reconnect_failed=raw.get("reconnect_failed"),
         before_connect=raw.get("before_connect"),
         pooler_mode=pooler_mode,
+        replicas=_replicas(raw, labels),
     )
+
+
+def _replicas(raw: Mapping[str, Any], labels: _Labels) -> dict[str, Any]:
+    """``replicas``, ``max_replica_lag`` and ``replica_fallback``, validated."""
+    result: dict[str, Any] = {}
+    replicas = raw.get("replicas")
+    if replicas is None:
+        return result
+    if isinstance(replicas, str):
+        replicas = [replicas]
+    if not isinstance(replicas, (list, tuple)) or not all(
+        isinstance(r, str) or (isinstance(r, Mapping) and isinstance(r.get("conninfo"), str))
+        for r in replicas
+    ):
+        raise ConfigError(
+            f"{labels('replicas')}: expected a list of conninfos (or dicts with 'conninfo')"
+        )
+    for i, replica in enumerate(replicas):
+        text = replica if isinstance(replica, str) else replica["conninfo"]
+        try:
+            _ci.split_conninfo(text)
+        except ValueError as ex:
+            raise ConfigError(f"{labels('replicas')}[{i}]: {ex}") from None
+    result["replicas"] = list(replicas)
+    if raw.get("max_replica_lag") is not None:
+        result["max_replica_lag"] = _as_seconds(labels("max_replica_lag"), raw["max_replica_lag"])
+    fallback = raw.get("replica_fallback")
+    if fallback is not None:
+        if fallback not in ("primary", "fail"):
+            raise ConfigError(f"{labels('replica_fallback')}: expected 'primary' or 'fail'")
+        result["replica_fallback"] = fallback
+    return result
 
 
 def database_from(

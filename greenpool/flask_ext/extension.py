@@ -83,6 +83,12 @@ class FlaskPool(GreenPool[Any]):
     def get_conn(self, name: str | None = None) -> Any:
         return req.request_conn(self, name)
 
+    @property
+    def read_conn(self) -> Any:
+        """The current request's connection for reads: a replica's
+        (``GREENPOOL_REPLICAS``), or the primary one once the request used ``db.conn``."""
+        return req.request_read_conn(self)
+
     def release(self) -> None:
         req.release_early(self)
 
@@ -132,16 +138,23 @@ class FlaskHandle(FlaskPool):
     def closed(self) -> bool:
         return False
 
-    def getconn(self, timeout: float | None = None) -> Any:
-        return self._default().getconn(timeout)
+    def getconn(self, timeout: float | None = None, read_only: bool = False) -> Any:
+        return self._default().getconn(timeout, read_only)
 
     def putconn(self, conn: Any) -> None:
         self._default().putconn(conn)
 
     def connection(
-        self, timeout: float | None = None, *, name: str | None = None, app: Flask | None = None
+        self,
+        timeout: float | None = None,
+        *,
+        read_only: bool = False,
+        after: str | None = None,
+        name: str | None = None,
+        app: Flask | None = None,
     ) -> Connection[Any]:
-        return req.state_of(app).pool(name).connection(timeout)
+        pool = req.state_of(app).pool(name)
+        return pool.connection(timeout, read_only=read_only, after=after)
 
     def stats(self) -> dict[str, Any]:
         return self._default().stats()

@@ -92,6 +92,31 @@ def request_conn(db: GreenPool[Any], name: str | None) -> Any:
     return conn
 
 
+READ_KEY = "greenpool.read"  # the request's replica connection, in its table
+
+
+def request_read_conn(db: GreenPool[Any]) -> Any:
+    """The current request's connection for reads: a replica's (borrowed on first use),
+    or the request's primary connection once it used ``db.conn`` (read-your-writes: it
+    sees what the request wrote). Switches only while borrowing."""
+    table: RequestConns | None = (
+        request.environ.get(TABLE_KEY) if has_request_context() else None
+    )
+    if table is None:
+        table = _start(db)
+    if table.done is not None:
+        raise RuntimeError(table.done)
+    _check_owner()
+    for key in (None, READ_KEY):
+        borrowed = table.borrowed.get(key)
+        if borrowed is not None:
+            return borrowed[1]
+    pool = table.state.pool(None)  # type: ignore[union-attr]
+    conn = pool.getconn(read_only=True)
+    table.borrowed[READ_KEY] = (pool, conn)
+    return conn
+
+
 def _start(db: GreenPool[Any]) -> RequestConns:
     if not has_request_context():
         raise RuntimeError(
@@ -135,7 +160,7 @@ def _commit_all(table: RequestConns) -> None:
         state = driver.state(conn)
         if state is ConnState.IN_TRANSACTION:
             driver.commit(conn)
-        elif state is ConnState.IN_ERROR:
+        elif state is ConnState.IN_ERROR and key != READ_KEY:
             label = "default" if key is None else key
             raise PoolError(
                 f"greenpool: the transaction on database {label!r} failed during the request "
