@@ -7,6 +7,7 @@ Environment:
 - ``GP_DJANGO_MAX_SIZE`` (4), ``GP_DJANGO_TIMEOUT`` (5 s): the pool's cap and wait.
 - ``GP_DJANGO_NAME``: application_name of the connections (and the pool's name).
 - ``GP_DJANGO_PSYCOPG2=1``: hide psycopg 3, so Django (and the pool) use psycopg2.
+- ``GP_DJANGO_ATOMIC_REQUESTS=1``: ``ATOMIC_REQUESTS`` on.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def _database() -> dict[str, object]:
 
 
 DATABASES = {"default": _database()}
-# The same database through a second alias whose requests are atomic (ATOMIC_REQUESTS).
-DATABASES["atomic"] = {**DATABASES["default"], "ATOMIC_REQUESTS": True}
+# GP_DJANGO_ATOMIC_REQUESTS=1: every view runs in a transaction (borrowing before it runs).
+DATABASES["default"]["ATOMIC_REQUESTS"] = os.environ.get("GP_DJANGO_ATOMIC_REQUESTS") == "1"
 
 SECRET_KEY = "example-only-not-secret"
 DEBUG = False

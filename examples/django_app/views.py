@@ -8,6 +8,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import gevent
+from django.conf import settings
 from django.db import connection, connections, transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -15,6 +16,7 @@ from django.views.decorators.csrf import csrf_exempt
 from examples.django_app.bank.models import Account, Transfer
 
 
+@transaction.non_atomic_requests
 def healthz(request: HttpRequest) -> HttpResponse:
     """Never touches the database: stays fast when the pool is exhausted."""
     return JsonResponse({"ok": True})
@@ -108,8 +110,10 @@ def fail(request: HttpRequest) -> HttpResponse:
 
 @csrf_exempt
 def atomic_fail(request: HttpRequest) -> HttpResponse:
-    """Writes through the ATOMIC_REQUESTS alias, then fails: the write is rolled back."""
-    Account.objects.using("atomic").create(owner=str(_json(request).get("owner", "fail")))
+    """Writes through an alias with ATOMIC_REQUESTS ("atomic" if configured), then fails:
+    the write is rolled back."""
+    alias = "atomic" if "atomic" in settings.DATABASES else "default"
+    Account.objects.using(alias).create(owner=str(_json(request).get("owner", "fail")))
     raise RuntimeError("the view failed after writing")
 
 

@@ -44,9 +44,9 @@ class DatabaseWrapper(PostgresDatabaseWrapper):  # type: ignore[misc]
         self.settings_dict: dict[str, Any] = settings_dict
         self.connection: Any = None
         raw = settings_dict.get("OPTIONS", {}).get("pool", True)
-        self._pool_options: dict[str, Any] | None = (
-            None if raw is False or alias == NO_DB_ALIAS else pool_options(alias, raw)
-        )
+        self._pool_options: dict[str, Any] | None = None
+        if raw is not False and alias != NO_DB_ALIAS:
+            self._pool_options = pool_options(alias, raw, _driver_name())
         if self._pool_options is not None and settings_dict.get("CONN_MAX_AGE", 0) != 0:
             raise ImproperlyConfigured(
                 f"DATABASES[{alias!r}]['CONN_MAX_AGE']: must be 0 with greenpool.django "

@@ -10,6 +10,8 @@ import logging
 import sys
 from typing import Any
 
+from gevent.lock import RLock
+
 from greenpool import GreenPool
 
 logger = logging.getLogger("greenpool")
@@ -38,9 +40,10 @@ POOL_KEYS = frozenset(
 
 _pools: dict[str, GreenPool] = {}
 _validated: set[tuple[str, str]] = set()
+_creating = RLock()
 
 
-def pool_options(alias: str, options: Any) -> dict[str, Any]:
+def pool_options(alias: str, options: Any, driver: str = "psycopg") -> dict[str, Any]:
     """Validate ``OPTIONS["pool"]`` (True or a dict); ImproperlyConfigured names the key."""
     from django.core.exceptions import ImproperlyConfigured
 
@@ -58,7 +61,7 @@ def pool_options(alias: str, options: Any) -> dict[str, Any]:
     key = (alias, repr(sorted(options.items())))
     if key not in _validated:  # a wrapper is made per greenlet: check each setting once
         try:
-            GreenPool("", open=False, **options)  # validates, opens nothing
+            GreenPool("", driver=driver, open=False, **options)  # validates, opens nothing
         except ValueError as ex:
             raise ImproperlyConfigured(f"{where}: {ex}") from None
         _validated.add(key)
@@ -68,21 +71,30 @@ def pool_options(alias: str, options: Any) -> dict[str, Any]:
 def create_pool(
     alias: str, options: dict[str, Any], conn_params: dict[str, Any], driver: str, configure: Any
 ) -> GreenPool:
-    """The alias's pool, created (and opened) on first use in this process."""
-    pool = _pools.get(alias)
-    if pool is not None and not pool.closed:
-        return pool
-    from django.core.exceptions import ImproperlyConfigured
+    """The alias's pool, created (and opened) on first use in this process.
 
-    kwargs = {"name": f"django-{alias}", **options}
-    try:
-        pool = GreenPool(
-            "", kwargs=conn_params, driver=driver, configure=configure, open=False, **kwargs
-        )
-    except ValueError as ex:
-        raise ImproperlyConfigured(f"DATABASES[{alias!r}]['OPTIONS']['pool']: {ex}") from None
-    pool.open()
-    _pools[alias] = pool
+    Many greenlets ask at once when a worker takes its first requests, and opening may
+    switch greenlets (logging, the driver's set-up): the lock makes the first one create
+    and open the pool while the others wait for it, so there is one pool per alias.
+    """
+    pool = _pools.get(alias)
+    if pool is not None:
+        return pool
+    with _creating:
+        pool = _pools.get(alias)
+        if pool is not None:
+            return pool
+        from django.core.exceptions import ImproperlyConfigured
+
+        kwargs = {"name": f"django-{alias}", **options}
+        try:
+            pool = GreenPool(
+                "", kwargs=conn_params, driver=driver, configure=configure, open=False, **kwargs
+            )
+        except ValueError as ex:
+            raise ImproperlyConfigured(f"DATABASES[{alias!r}]['OPTIONS']['pool']: {ex}") from None
+        pool.open()
+        _pools[alias] = pool
     logger.info("greenpool: Django database %r pooled by %r", alias, pool.name)
     return pool
 

@@ -20,6 +20,7 @@ from time import monotonic
 from typing import Any
 
 import gevent
+from gevent.lock import RLock
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import Pool
 from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection
@@ -126,6 +127,7 @@ class GreenQueuePool(Pool):
         self._held_active: dict[int, Any] = {}
         self._pid = os.getpid()
         self._disposed = False
+        self._open_lock = RLock()
         self._greenpool: GreenPool | None = self._new_greenpool()  # validates settings
 
     # ------------------------------------------------------------------ configuration
@@ -174,13 +176,7 @@ class GreenQueuePool(Pool):
     def _do_get(self) -> ConnectionPoolEntry:
         gp = self.greenpool
         if gp.closed:
-            try:
-                gp.open()
-            except PoolClosed:
-                raise sa_exc.InvalidRequestError(
-                    f"GreenQueuePool {gp.name!r} was closed (greenpool.close_all()?); "
-                    "call engine.dispose() to start a new pool"
-                ) from None
+            self._open(gp)
         deadline = monotonic() + self._timeout
         while True:
             try:
@@ -204,6 +200,20 @@ class GreenQueuePool(Pool):
                 gp.putconn(rec)
                 continue
             return rec
+
+    def _open(self, gp: GreenPool) -> None:
+        # The first checkouts of a worker arrive together and opening may switch
+        # greenlets (logging, the driver's set-up): one greenlet opens, the others wait.
+        with self._open_lock:
+            if not gp.closed:
+                return
+            try:
+                gp.open()
+            except PoolClosed:
+                raise sa_exc.InvalidRequestError(
+                    f"GreenQueuePool {gp.name!r} was closed (greenpool.close_all()?); "
+                    "call engine.dispose() to start a new pool"
+                ) from None
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         rec: GreenRecord = record  # type: ignore[assignment]
