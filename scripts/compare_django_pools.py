@@ -7,6 +7,7 @@ PostgreSQL. Prints the Markdown table of RELIABILITY.md's Django section.
 Scenarios (same settings for every pool; pool cap 4 per worker, timeout 5 s):
 1. load: 2 workers, 120 keep-alive clients for 10 s (reads, transfers, slow requests,
    spawned greenlets); failures, requests/s, peak server backends against 2 x 4.
+   1a: the same without the requests that spawn greenlets.
 2. exhaustion: 1 worker, cap 2, timeout 1 s, 10 simultaneous 3-second requests; a
    client gives up after 15 s (counted as hung).
 3. spawned greenlets that never close their connection: 20 requests that each spawn 3.
@@ -45,10 +46,10 @@ def stop(server: webload.Server, dsn: str) -> int:
     return webload.wait_no_backends(dsn, server.name, timeout=10)
 
 
-def load(dsn: str, engine: str, logs: Path) -> dict[str, Any]:
+def load(dsn: str, engine: str, logs: Path, pick: Any = scenarios.pick) -> dict[str, Any]:
     server = scenarios.start(dsn, logs / f"{engine}-load.log", engine=engine, workers=2)
     try:
-        r = webload.run_load(server, dsn, scenarios.pick, clients=120, seconds=10, seed=1)
+        r = webload.run_load(server, dsn, pick, clients=120, seconds=10, seed=1)
     finally:
         left = stop(server, dsn)
     kinds: dict[str, int] = {}
@@ -93,6 +94,8 @@ def spawned(dsn: str, engine: str, logs: Path) -> dict[str, Any]:
                 status = "hung"
             statuses[status] = statuses.get(status, 0) + 1
             peak = max(peak, webload.backend_count(dsn, server.name))
+            if statuses.get("hung", 0) >= 2:  # stuck for good: no need to wait 15 s more
+                break
         time.sleep(1)
         after = webload.backend_count(dsn, server.name)
     finally:
@@ -112,7 +115,12 @@ def main() -> int:
         for engine in engines:
             print(f"== {engine}", flush=True)
             row: dict[str, Any] = {}
-            for name, scenario in (("load", load), ("exhaustion", exhaustion), ("spawn", spawned)):
+            for name, scenario in (
+                ("load_plain", lambda d, e, lg: load(d, e, lg, scenarios.pick_plain)),
+                ("load", load),
+                ("exhaustion", exhaustion),
+                ("spawn", spawned),
+            ):
                 try:
                     row[name] = scenario(pg.admin_dsn, engine, logs)
                 except AssertionError as ex:  # gunicorn did not start
@@ -132,6 +140,9 @@ def main() -> int:
         return f"{d['failures']} / {d['requests']} ({d['rps']:.0f}/s) {kinds}"
 
     rows = [
+        ("1a. load, no spawned greenlets: failures / requests", "load_plain", failures),
+        ("1a. load, no spawned greenlets: peak backends (cap 8)", "load_plain",
+         lambda d: str(d["peak"])),
         ("1. load: failures / requests, req/s", "load", failures),
         ("1. load: peak backends (cap 2 x 4 = 8)", "load", lambda d: str(d["peak"])),
         ("2. exhaustion: answers to 10 x 3 s requests, cap 2", "exhaustion",

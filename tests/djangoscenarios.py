@@ -75,3 +75,11 @@ def pick(rng: random.Random) -> tuple[str, str, Any, tuple[int, ...]]:
     if roll < 0.88:
         return "GET", "/spawn?n=2", None, (200,)
     return "GET", "/healthz", None, (200,)
+
+
+def pick_plain(rng: random.Random) -> tuple[str, str, Any, tuple[int, ...]]:
+    """The same mix without spawned greenlets (each request's own connection only)."""
+    while True:
+        choice = pick(rng)
+        if not choice[1].startswith("/spawn"):
+            return choice
