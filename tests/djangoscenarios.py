@@ -33,13 +33,17 @@ def migrate_and_seed(dsn: str) -> None:
         env=env, check=True, timeout=120, cwd=repo_root(),
     )  # fmt: skip
     with psycopg.connect(dsn, autocommit=True) as conn:
-        count = conn.execute("SELECT count(*) FROM bank_account").fetchone()
-        if count and count[0] < ACCOUNTS:
-            conn.execute(
-                "INSERT INTO bank_account (owner, balance) "
-                "SELECT 'user' || n, 1000 FROM generate_series(1, %s) n",
-                (ACCOUNTS,),
-            )
+        # Ids 1..ACCOUNTS, whatever other tests left (rolled-back inserts leave gaps).
+        conn.execute(
+            "INSERT INTO bank_account (id, owner, balance) "
+            "SELECT n, 'user' || n, 1000 FROM generate_series(1, %s) n "
+            "ON CONFLICT (id) DO NOTHING",
+            (ACCOUNTS,),
+        )
+        conn.execute(
+            "SELECT setval(pg_get_serial_sequence('bank_account', 'id'), "
+            "(SELECT max(id) FROM bank_account))"
+        )
 
 
 def start(
