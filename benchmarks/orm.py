@@ -34,8 +34,10 @@ from typing import Any
 
 from benchmarks.common import (
     RESULTS_DIR,
+    ServerPinning,
     clean_floats,
     emit_result,
+    local_postmaster,
     median,
     parse_result,
     percentile,
@@ -48,7 +50,14 @@ POOL = 10
 GREENLETS = 200
 
 SA_CONTENDERS = {"sa_greenpool": "GreenQueuePool", "sa_queuepool": "QueuePool"}
-SA_SCENARIOS = ("core_checkout", "core_select1", "core_contended", "orm_session", "orm_contended")
+SA_SCENARIOS = (
+    "pool_contended",
+    "core_checkout",
+    "core_select1",
+    "core_contended",
+    "orm_session",
+    "orm_contended",
+)
 DJ_CONTENDERS = {
     "dj_greenpool": "greenpool.django",
     "dj_geventpool": "django-db-geventpool",
@@ -135,6 +144,7 @@ def _contended(op: Any, seconds: float, dsn: str, app: str) -> dict[str, Any]:
     latencies.sort()
     ops = sum(counts)
     return {
+        "seconds": elapsed,
         "ops_per_s": ops / min(elapsed, seconds) if ops else 0.0,
         "ops": ops,
         "starved": sum(1 for c in counts if c == 0),
@@ -161,6 +171,17 @@ def run_sa(contender: str, dsn: str, seconds: float, n: int) -> dict[str, Any]:
         with core.connect() as c:
             c.execute(text("SELECT 1"))
 
+    def pool_select1() -> None:
+        raw = core.pool.connect()  # SQLAlchemy's pool API, as the main suite uses it
+        try:
+            cur = raw.cursor()
+            cur.execute("SELECT 1")
+            cur.fetchall()
+            cur.close()
+        finally:
+            raw.close()
+
+    out["pool_contended"] = _contended(pool_select1, seconds, dsn, app)
     out["core_checkout"] = {"us_per_op": _timed_loop(checkout, n)}
     out["core_select1"] = {"us_per_op": _timed_loop(select1, n)}
     out["core_contended"] = _contended(select1, seconds, dsn, app)
@@ -179,6 +200,92 @@ def run_sa(contender: str, dsn: str, seconds: float, n: int) -> dict[str, Any]:
     out["orm_session"] = {"us_per_op": _timed_loop(session, n)}
     out["orm_contended"] = _contended(session, seconds, dsn, app)
     orm.dispose()
+    return out
+
+
+def run_sa_paired(dsn: str, cycles: int, window: float, n: int) -> dict[str, Any]:
+    """Both SQLAlchemy pools in one process, interleaved in short windows (order shuffled
+    each cycle), so background load that drifts over seconds hits both alike. Each pool
+    waits with what it would use on its own: psycopg's wait for QueuePool, greenpool's
+    for GreenQueuePool (switched per window)."""
+    import random
+
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+
+    from greenpool.drivers import gevent_wait
+
+    rng = random.Random(7)
+    ops: dict[str, dict[str, Any]] = {}
+    for contender in SA_CONTENDERS:
+        app = f"bench-paired-{contender}"
+        core = _sa_engine(contender, dsn, app, autocommit=True)
+        orm = _sa_engine(contender, dsn, app, autocommit=False)
+
+        def checkout(core: Any = core) -> None:
+            core.connect().close()
+
+        def select1(core: Any = core) -> None:
+            with core.connect() as c:
+                c.execute(text("SELECT 1"))
+
+        def session(orm: Any = orm) -> None:
+            with Session(orm) as s:
+                s.execute(text("SELECT id, name FROM bench_items WHERE id = 1")).first()
+
+        def pool_select1(core: Any = core) -> None:
+            raw = core.pool.connect()
+            try:
+                cur = raw.cursor()
+                cur.execute("SELECT 1")
+                cur.fetchall()
+                cur.close()
+            finally:
+                raw.close()
+
+        ops[contender] = {
+            "app": app,
+            "checkout": checkout,
+            "select1": select1,
+            "session": session,
+            "pool_select1": pool_select1,
+        }
+    timed = {"core_checkout": "checkout", "core_select1": "select1", "orm_session": "session"}
+    contended = {
+        "pool_contended": "pool_select1",
+        "core_contended": "select1",
+        "orm_contended": "session",
+    }
+    totals: dict[str, dict[str, list[float]]] = {
+        c: {k: [0.0, 0.0, 0.0] for k in (*timed, *contended)} for c in SA_CONTENDERS
+    }
+    for _ in range(cycles):
+        order = list(SA_CONTENDERS)
+        rng.shuffle(order)
+        for contender in order:
+            if contender == "sa_greenpool":
+                gevent_wait.install()
+            else:
+                gevent_wait.uninstall()
+            for scenario, op in timed.items():
+                count = n if scenario == "core_checkout" else max(n // 10, 20)
+                us = _timed_loop(ops[contender][op], count)
+                totals[contender][scenario][0] += us * count
+                totals[contender][scenario][1] += count
+            for scenario, op in contended.items():
+                r = _contended(ops[contender][op], window, dsn, ops[contender]["app"])
+                totals[contender][scenario][0] += r["ops"]
+                totals[contender][scenario][1] += min(window, r["seconds"])
+                totals[contender][scenario][2] = max(totals[contender][scenario][2], r["starved"])
+    out: dict[str, Any] = {}
+    for contender, per in totals.items():
+        out[contender] = {}
+        for scenario, (a, b, starved) in per.items():
+            if scenario in timed:
+                out[contender][scenario] = {"us_per_op": a / b if b else math.nan}
+            else:
+                out[contender][scenario] = {"ops_per_s": a / b if b else math.nan,
+                                            "starved_per_window": starved}  # fmt: skip
     return out
 
 
@@ -254,9 +361,12 @@ def worker_main(args: argparse.Namespace) -> None:
     from gevent import monkey
 
     monkey.patch_all()
-    pin_self(args.cpu)
-    runner = run_sa if args.worker in SA_CONTENDERS else run_django
-    result = runner(args.worker, args.dsn, args.seconds, args.n)
+    pin_self(args.cpu, args.nice)
+    if args.worker == "sa_paired":
+        result = run_sa_paired(args.dsn, args.paired_cycles, args.paired_window, args.n)
+    else:
+        runner = run_sa if args.worker in SA_CONTENDERS else run_django
+        result = runner(args.worker, args.dsn, args.seconds, args.n)
     emit_result(clean_floats({"contender": args.worker, "results": result}))
 
 
@@ -275,15 +385,30 @@ def prepare(dsn: str) -> None:
         conn.execute("INSERT INTO bench_items VALUES (1, 'one') ON CONFLICT DO NOTHING")
 
 
+def _backend_pid(dsn: str) -> int | None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    return int(row[0]) if row else None
+
+
 def run_worker(contender: str, dsn: str, args: argparse.Namespace, cpu: int | None) -> Any:
     argv = [
         sys.executable, "-m", "benchmarks.orm", "--worker", contender, "--dsn", dsn,
         "--seconds", str(args.seconds), "--n", str(args.n),
+        "--paired-cycles", str(args.paired_cycles), "--paired-window", str(args.paired_window),
     ]  # fmt: skip
     if cpu is not None:
         argv += ["--cpu", str(cpu)]
+    if args.nice is not None:
+        argv += ["--nice", str(args.nice)]
     proc = subprocess.run(
-        argv, env=worker_env(), capture_output=True, text=True, timeout=args.seconds * 4 + 240
+        argv,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=args.seconds * 4 + 240 + args.paired_cycles * (args.paired_window * 4 + 10),
     )
     result = parse_result(proc.stdout)
     if result is None:
@@ -324,14 +449,18 @@ def _fmt(value: Any, unit: str) -> str:
     return f"{value:,.0f}"
 
 
-def report(summary: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any]) -> str:
+def report(
+    summary: dict[str, dict[str, dict[str, Any]]],
+    meta: dict[str, Any],
+    paired: dict[str, Any] | None = None,
+) -> str:
     lines = [
         "# ORM benchmark results",
         "",
         f"{meta['rounds']} round(s), {meta['seconds']:g} s per contended run, pool of {POOL}, "
         f"{GREENLETS} greenlets when contended; {meta['versions']}. Medians over rounds; "
         "ratios are greenpool's figure over the other's in the same run (time: lower is "
-        "better, throughput: higher is better).",
+        "better, throughput: higher is better). Pinning: " + meta["pinning"] + ".",
         "",
     ]
 
@@ -373,6 +502,7 @@ def report(summary: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any]) 
         "SQLAlchemy: GreenQueuePool against QueuePool",
         SA_CONTENDERS,
         [
+            ("pool.connect() + SELECT 1 + close(), 200 greenlets on 10", "pool_contended", "ops"),
             ("Core: engine.connect() + close(), one greenlet", "core_checkout", "us"),
             ("Core: connect + SELECT 1 + close, one greenlet", "core_select1", "us"),
             ("Core: contended SELECT 1, 200 greenlets on 10", "core_contended", "ops"),
@@ -390,6 +520,40 @@ def report(summary: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any]) 
         ],
         "dj_greenpool",
     )
+    if paired and all(c in paired for c in SA_CONTENDERS):
+        g, q = paired["sa_greenpool"], paired["sa_queuepool"]
+        lines.extend(
+            [
+                "## SQLAlchemy, paired (both pools in one process, interleaved)",
+                "",
+                f"{meta['paired_cycles']} cycles; each cycle runs every scenario on both pools "
+                f"in shuffled order ({meta['paired_window']:g} s per contended window), so "
+                "load that drifts over seconds hits both alike. Each pool waits with the "
+                "wait function it would use on its own.",
+                "",
+                "| | GreenQueuePool | QueuePool | greenpool's advantage |",
+                "|---|---|---|---|",
+            ]
+        )
+        for label, key in (
+            ("Core: engine.connect() + close()", "core_checkout"),
+            ("Core: connect + SELECT 1 + close", "core_select1"),
+            ("ORM: Session + query + close", "orm_session"),
+        ):
+            a, b = g[key]["us_per_op"], q[key]["us_per_op"]
+            lines.append(f"| {label} | {_fmt(a, 'us')} | {_fmt(b, 'us')} | {b / a:.2f}x |")
+        for label, key in (
+            ("pool.connect() + SELECT 1 + close(), 200 greenlets on 10", "pool_contended"),
+            ("Core: contended SELECT 1, 200 greenlets on 10", "core_contended"),
+            ("ORM: contended Session + query, 200 greenlets on 10", "orm_contended"),
+        ):
+            a, b = g[key]["ops_per_s"], q[key]["ops_per_s"]
+            lines.append(
+                f"| {label} | {a:,.0f}/s (starved per window, max "
+                f"{g[key]['starved_per_window']:.0f}) | {b:,.0f}/s (max "
+                f"{q[key]['starved_per_window']:.0f}) | {a / b:.2f}x |"
+            )
+        lines.append("")
     lines.append(
         "Ratios in parentheses: greenpool's time or throughput relative to that contender "
         "(for times, >1x means greenpool is faster; for ops/s, >1x means greenpool does more)."
@@ -421,13 +585,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", type=int, default=None, help="pin workers to this CPU")
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--out", default="", help="also write the report to this file")
+    parser.add_argument("--paired-cycles", type=int, default=20, help="0: no paired run")
+    parser.add_argument("--paired-window", type=float, default=0.5)
+    parser.add_argument("--nice", type=int, default=None, help="nice value (root only)")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(args)
         return 0
     if args.quick:
-        args.rounds, args.seconds, args.n = 1, 1.5, 500
+        args.rounds, args.seconds, args.n, args.paired_cycles = 1, 1.5, 500, 4
     contenders = [c for c in args.contenders.split(",") if c]
     unknown = set(contenders) - set(SA_CONTENDERS) - set(DJ_CONTENDERS)
     if unknown:
@@ -443,8 +610,14 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start()
         dsn = cluster.admin_dsn
     raw: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
+    pinning = ServerPinning()
+    paired: dict[str, Any] | None = None
     try:
         prepare(dsn)
+        if cpu is not None and cluster is not None:
+            # The server's processes on the client's CPU, as in the main suite: a round
+            # trip is then a direct hand-over, not a wait for another CPU's scheduler.
+            pinning.apply(local_postmaster(_backend_pid(dsn)), cpu, args.nice)
         for rnd in range(args.rounds):
             order = contenders if rnd % 2 == 0 else list(reversed(contenders))
             print(f"round {rnd + 1}/{args.rounds}: {', '.join(order)}", flush=True)
@@ -452,17 +625,32 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_worker(contender, dsn, args, cpu)
                 if result is not None:
                     raw[contender].append(result["results"])
+        if args.paired_cycles and any(c in SA_CONTENDERS for c in contenders):
+            print(f"paired: {args.paired_cycles} cycles of {args.paired_window:g} s", flush=True)
+            result = run_worker("sa_paired", dsn, args, cpu)
+            paired = result["results"] if result is not None else None
     finally:
+        pinning.restore()
         if cluster is not None:
             cluster.destroy()
     summary = summarise({c: r for c, r in raw.items() if r})
-    meta = {"rounds": args.rounds, "seconds": args.seconds, "versions": versions()}
-    text = report(summary, meta)
+    meta = {
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "versions": versions(),
+        "pinning": f"client CPU {cpu}; {pinning.describe()}" if cpu is not None else "none",
+        "paired_cycles": args.paired_cycles,
+        "paired_window": args.paired_window,
+    }
+    text = report(summary, meta, paired)
     print("\n" + text)
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (RESULTS_DIR / f"orm-{stamp}.json").write_text(
-        json.dumps(clean_floats({"meta": meta, "raw": raw, "summary": summary}), indent=1)
+        json.dumps(
+            clean_floats({"meta": meta, "raw": raw, "summary": summary, "paired": paired}),
+            indent=1,
+        )
     )
     if args.out:
         Path(args.out).write_text(text)
