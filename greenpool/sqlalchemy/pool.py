@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 from time import monotonic
 from typing import Any
 
@@ -23,7 +22,7 @@ import gevent
 from gevent.lock import RLock
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import Pool
-from sqlalchemy.pool.base import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool.base import ConnectionPoolEntry
 
 from greenpool import GreenPool, PoolClosed, PoolTimeout, TooManyRequests
 from greenpool.drivers import ConnState, get_driver
@@ -128,6 +127,8 @@ class GreenQueuePool(Pool):
         self._pid = os.getpid()
         self._disposed = False
         self._open_lock = RLock()
+        self._hub: Any = None  # the hub whose greenlets borrow (set at first checkout)
+        _install_gc_deferral()
         self._greenpool: GreenPool | None = self._new_greenpool()  # validates settings
 
     # ------------------------------------------------------------------ configuration
@@ -168,12 +169,9 @@ class GreenQueuePool(Pool):
 
     # ------------------------------------------------------------------ borrowing
 
-    def connect(self) -> PoolProxiedConnection:
-        fairy = super().connect()
-        _defer_gc_checkin(fairy)
-        return fairy
-
     def _do_get(self) -> ConnectionPoolEntry:
+        if self._hub is None:
+            self._hub = gevent.get_hub()
         gp = self.greenpool
         if gp.closed:
             self._open(gp)
@@ -330,32 +328,38 @@ def _reset_dbapi(user_reset: Any, rec: GreenRecord) -> None:
 # ---------------------------------------------------------------------- GC returns
 #
 # A checked-out connection whose owner forgets to close it (a Session dropped without
-# close()) is returned by a weakref finalizer when the garbage collector finds it. The
-# collector runs wherever memory happens to be allocated: in the hub, or in a greenlet in
-# the middle of a gevent switch. SQLAlchemy's finalizer rolls back right there, and the
-# I/O either blocks the hub or switches out of a greenlet that is itself switching
-# ("Invalid switch into greenlet", "Impossible to call blocking function in the event
-# loop callback"). Here the finalizer only schedules the very same return (SQLAlchemy's
-# _finalize_fairy: reset event, rollback, checkin) in a fresh greenlet.
+# close()) is returned by a weakref finalizer when its proxy is freed. That happens
+# wherever memory happens to be freed: inside the gevent hub, or in a greenlet in the
+# middle of a gevent switch. SQLAlchemy's finalizer (_finalize_fairy) rolls back right
+# there, and the I/O either blocks the hub or switches out of a greenlet that is itself
+# switching ("Impossible to call blocking function in the event loop callback",
+# "Invalid switch into greenlet"). For GreenQueuePool's connections the finalizer only
+# schedules the very same call (reset event, rollback, checkin) in a fresh greenlet.
+#
+# SQLAlchemy looks _finalize_fairy up as a module global each time it builds a
+# connection proxy, so wrapping it there costs nothing per checkout; for any other pool
+# the wrapper calls straight through.
+
+_sqlalchemy_finalize_fairy: Any = None
 
 
-def _defer_gc_checkin(fairy: Any) -> None:
-    finalizer = getattr(fairy, "_finalizer", None)
-    if not isinstance(finalizer, weakref.finalize):
-        return
-    detached = finalizer.detach()
-    if detached is None:
-        return
-    _, func, args, kwargs = detached
-    deferred = weakref.finalize(fairy, _return_later, gevent.get_hub(), func, args, kwargs)
-    deferred.atexit = False  # at interpreter exit there is no hub left to run it
-    fairy._finalizer = deferred
+def _install_gc_deferral() -> None:
+    global _sqlalchemy_finalize_fairy
+    from sqlalchemy.pool import base
+
+    if _sqlalchemy_finalize_fairy is None:
+        _sqlalchemy_finalize_fairy = base._finalize_fairy
+        base._finalize_fairy = _finalize_fairy
 
 
-def _return_later(hub: Any, func: Any, args: Any, kwargs: Any) -> None:
-    # No I/O and no switch here: queue a callback that spawns the return.
-    hub.loop.run_callback_threadsafe(_spawn_return, func, args, kwargs)
+def _finalize_fairy(*args: Any, **kwargs: Any) -> Any:
+    pool = args[2] if len(args) > 2 else kwargs.get("pool")
+    if kwargs.get("is_gc_cleanup") and isinstance(pool, GreenQueuePool) and pool._hub:
+        # No I/O and no switch here: queue a callback that spawns the return.
+        pool._hub.loop.run_callback_threadsafe(_spawn_return, args, kwargs)
+        return None
+    return _sqlalchemy_finalize_fairy(*args, **kwargs)
 
 
-def _spawn_return(func: Any, args: Any, kwargs: Any) -> None:
-    gevent.spawn(func, *args, **kwargs)
+def _spawn_return(args: Any, kwargs: Any) -> None:
+    gevent.spawn(_sqlalchemy_finalize_fairy, *args, **kwargs)
