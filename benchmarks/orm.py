@@ -385,12 +385,13 @@ def prepare(dsn: str) -> None:
         conn.execute("INSERT INTO bench_items VALUES (1, 'one') ON CONFLICT DO NOTHING")
 
 
-def _backend_pid(dsn: str) -> int | None:
+def _postmaster(dsn: str) -> int | None:
+    """The server's postmaster pid (asked while the backend is alive)."""
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    return int(row[0]) if row else None
+        return local_postmaster(int(row[0]) if row else None)
 
 
 def run_worker(contender: str, dsn: str, args: argparse.Namespace, cpu: int | None) -> Any:
@@ -617,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         if cpu is not None and cluster is not None:
             # The server's processes on the client's CPU, as in the main suite: a round
             # trip is then a direct hand-over, not a wait for another CPU's scheduler.
-            pinning.apply(local_postmaster(_backend_pid(dsn)), cpu, args.nice)
+            pinning.apply(_postmaster(dsn), cpu, args.nice)
         for rnd in range(args.rounds):
             order = contenders if rnd % 2 == 0 else list(reversed(contenders))
             print(f"round {rnd + 1}/{args.rounds}: {', '.join(order)}", flush=True)
