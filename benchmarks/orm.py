@@ -612,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         dsn = cluster.admin_dsn
     raw: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
     pinning = ServerPinning()
+    pin_text = "none"
     paired: dict[str, Any] | None = None
     try:
         prepare(dsn)
@@ -619,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             # The server's processes on the client's CPU, as in the main suite: a round
             # trip is then a direct hand-over, not a wait for another CPU's scheduler.
             pinning.apply(_postmaster(dsn), cpu, args.nice)
+        pin_text = f"client CPU {cpu}; {pinning.describe()}" if cpu is not None else "none"
         for rnd in range(args.rounds):
             order = contenders if rnd % 2 == 0 else list(reversed(contenders))
             print(f"round {rnd + 1}/{args.rounds}: {', '.join(order)}", flush=True)
@@ -639,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "seconds": args.seconds,
         "versions": versions(),
-        "pinning": f"client CPU {cpu}; {pinning.describe()}" if cpu is not None else "none",
+        "pinning": pin_text,
         "paired_cycles": args.paired_cycles,
         "paired_window": args.paired_window,
     }
