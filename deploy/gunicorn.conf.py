@@ -132,12 +132,18 @@ def post_worker_init(worker: Any) -> None:
 
 def worker_exit(server: Any, worker: Any) -> None:
     """Close the worker's pools so PostgreSQL sees clean disconnects, not dropped sockets
-    (runs in the worker after graceful shutdown, on max_requests recycling too)."""
+    (runs in the worker after graceful shutdown, on max_requests recycling too): the
+    Flask extension's, then every other GreenPool (SQLAlchemy engines on GreenQueuePool,
+    the greenpool.django backend)."""
     try:
         from greenpool.flask import close_all_pools
     except ImportError:
-        return
-    close_all_pools(timeout=2.0)
+        pass
+    else:
+        close_all_pools(timeout=2.0)
+    from greenpool import close_all
+
+    close_all(timeout=2.0)
 
 
 def worker_abort(worker: Any) -> None:

@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""``python -m examples.django_app.manage migrate`` (from the repository root)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "examples.django_app.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)

@@ -1,0 +1,383 @@
+"""Django on greenpool (``"ENGINE": "greenpool.django"``), in this gevent-patched process.
+
+The example project's models and views (examples/django_app) run against the real
+server; ground truth comes from pg_stat_activity (backends of the pool's
+application_name) and from a separate admin connection (what was committed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+import psycopg
+import pytest
+from gevent.event import Event
+
+from tests.ormsupport import backend_pids, dsn_params, repo_root, wait_until
+
+APP = f"gpdj-{uuid.uuid4().hex[:6]}"
+MAX_SIZE = 3
+_configured: dict[str, Any] = {}
+
+
+def _database(dsn: str, app: str = APP, **extra: Any) -> dict[str, Any]:
+    p = dsn_params(dsn)
+    return {
+        "ENGINE": "greenpool.django",
+        "NAME": p.get("dbname", "postgres"),
+        "USER": p.get("user", ""),
+        "PASSWORD": p.get("password", ""),
+        "HOST": p.get("host", ""),
+        "PORT": p.get("port", ""),
+        "OPTIONS": {
+            "application_name": app,
+            # 2 s: the first connection must fit in it on a busy machine too.
+            "pool": {"min_size": 1, "max_size": MAX_SIZE, "timeout": 2, "name": app},
+        },
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def django_app(dsn: str) -> Iterator[Any]:
+    """Django configured once for this process, with the example project's app, urls
+    and middleware; its tables created by ``migrate`` through the pool."""
+    import django
+    from django.conf import settings
+
+    if not _configured:
+        settings.configure(
+            DATABASES={
+                "default": _database(dsn),
+                "atomic": _database(dsn, APP + "-atomic", ATOMIC_REQUESTS=True),
+            },
+            INSTALLED_APPS=["examples.django_app.bank"],
+            ROOT_URLCONF="examples.django_app.urls",
+            MIDDLEWARE=["greenpool.django.middleware.PoolExhaustedMiddleware"],
+            ALLOWED_HOSTS=["*"],
+            USE_TZ=True,
+            SECRET_KEY="test",
+            DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
+            GREENPOOL_RETRY_AFTER=3,
+        )
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)  # a management command, through the pool
+        _configured["ok"] = True
+    from django.db import connections
+
+    connections.close_all()
+    yield settings
+    connections.close_all()
+
+
+def pool() -> Any:
+    from greenpool.django import get_pool
+
+    p = get_pool("default")
+    assert p is not None
+    return p
+
+
+def settle() -> dict[str, Any]:
+    assert wait_until(lambda: pool().stats()["acquired"] == 0, timeout=5), pool().stats()
+    return dict(pool().stats())
+
+
+def committed(dsn: str, owner: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM bank_account WHERE owner = %s", (owner,))
+        return int(row.fetchone()[0])  # type: ignore[index]
+
+
+class WSGIClient:
+    """Requests through Django's real WSGI handler, each in its own greenlet (as under
+    gunicorn -k gevent), so request_started/request_finished run as in production
+    (Django's test Client disconnects close_old_connections)."""
+
+    def __init__(self) -> None:
+        from django.core.handlers.wsgi import WSGIHandler
+        from werkzeug.test import Client
+
+        self._client = Client(WSGIHandler())
+
+    def _open(self, method: str, path: str, **kwargs: Any) -> Any:
+        # buffered: the response is read and closed, so request_finished fires.
+        call = gevent.spawn(self._client.open, path, method=method, buffered=True, **kwargs)
+        return call.get(timeout=30)
+
+    def get(self, path: str, **headers: str) -> Any:
+        return self._open("GET", path, headers=headers)
+
+    def post(self, path: str, body: Any = None, **headers: str) -> Any:
+        return self._open(
+            "POST", path, data=json.dumps(body or {}), content_type="application/json",
+            headers=headers,
+        )
+
+
+def client() -> WSGIClient:
+    return WSGIClient()
+
+
+def test_request_borrows_at_first_query_and_gives_back_at_end(
+    django_app: Any, dsn: str
+) -> None:
+    from examples.django_app.bank.models import Account
+
+    acc = Account.objects.create(owner="first", balance=10)
+    from django.db import connection
+
+    connection.close()
+    before = pool().stats()
+    assert client().get("/healthz").status_code == 200
+    assert pool().stats()["acquire_count"] == before["acquire_count"]  # no query, no borrow
+    response = client().get(f"/accounts/{acc.pk}")
+    assert response.status_code == 200 and response.get_json()["balance"] == "10.00"
+    stats = settle()
+    assert stats["acquire_count"] == before["acquire_count"] + 1
+    assert stats["returns_count"] == stats["acquire_count"]
+    assert 1 <= len(backend_pids(dsn, APP)) <= MAX_SIZE
+
+
+def test_each_greenlet_has_its_own_connection(django_app: Any, dsn: str) -> None:
+    from django.db import DatabaseError, connection, connections
+
+    release = Event()
+    pids: list[int] = []
+    wrappers: list[Any] = []
+
+    def work() -> None:
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            pids.append(cur.fetchone()[0])
+        wrappers.append(connections["default"])  # this greenlet's DatabaseWrapper
+        release.wait(5)
+        connection.close()
+
+    greenlets = [gevent.spawn(work) for _ in range(MAX_SIZE)]
+    assert wait_until(lambda: len(pids) == MAX_SIZE)
+    assert len(set(pids)) == MAX_SIZE  # three greenlets, three distinct backends
+    assert set(pids) <= backend_pids(dsn, APP)
+    assert len({id(w) for w in wrappers}) == MAX_SIZE
+    # Django refuses to let another greenlet use a greenlet's connection.
+    with pytest.raises(DatabaseError, match="can only be used in that same thread"):
+        wrappers[0].cursor()
+    release.set()
+    gevent.joinall(greenlets, timeout=5, raise_error=True)
+    settle()
+
+
+def test_exhaustion_is_a_503_with_retry_after_not_a_hang(django_app: Any, dsn: str) -> None:
+    from django.db import connection
+
+    hold = Event()
+    holding: list[int] = []
+
+    def holder() -> None:
+        with connection.cursor() as cur:
+            cur.execute("SELECT 1")
+        holding.append(1)
+        hold.wait(10)
+        connection.close()
+
+    holders = [gevent.spawn(holder) for _ in range(MAX_SIZE)]
+    assert wait_until(lambda: len(holding) == MAX_SIZE)
+    start = time.monotonic()
+    response = client().get("/accounts/1", Accept="application/json")
+    waited = time.monotonic() - start
+    assert response.status_code == 503, response.content
+    assert response.headers["Retry-After"] == "3"
+    assert response.get_json()["error"] == "service_unavailable"
+    assert 1.5 < waited < 6, waited  # the pool's timeout (2 s), not a hang
+    assert client().get("/healthz").status_code == 200  # no database, no wait
+    assert len(backend_pids(dsn, APP)) <= MAX_SIZE
+    hold.set()
+    gevent.joinall(holders, timeout=5, raise_error=True)
+    assert client().get("/accounts/1").status_code in (200, 404)
+    settle()
+
+
+def test_exhaustion_inside_atomic_requests_is_a_503_too(django_app: Any) -> None:
+    from django.db import connections
+
+    hold = Event()
+    holding: list[int] = []
+
+    def holder() -> None:
+        conn = connections["atomic"]
+        conn.ensure_connection()
+        holding.append(1)
+        hold.wait(10)
+        conn.close()
+
+    holders = [gevent.spawn(holder) for _ in range(MAX_SIZE)]
+    assert wait_until(lambda: len(holding) == MAX_SIZE)
+    # ATOMIC_REQUESTS opens the transaction (and borrows) before the view runs.
+    response = client().post("/atomic-fail")
+    assert response.status_code == 503, response.content
+    hold.set()
+    gevent.joinall(holders, timeout=5, raise_error=True)
+    settle()
+
+
+def test_commits_and_rollbacks_land_as_django_promises(django_app: Any, dsn: str) -> None:
+    owner = f"o-{uuid.uuid4().hex[:6]}"
+    # Autocommit (the default): the write before the failure is committed.
+    response = client().post("/fail", {"owner": owner})
+    assert response.status_code == 500
+    assert committed(dsn, owner) == 1
+    # ATOMIC_REQUESTS: the failing view's write is rolled back.
+    owner2 = owner + "-atomic"
+    response = client().post("/atomic-fail", {"owner": owner2})
+    assert response.status_code == 500
+    assert committed(dsn, owner2) == 0
+    # transaction.atomic() in a view: commit, and a 409 rolled back as a whole.
+    a = client().post("/accounts", {"balance": "5"}).get_json()
+    b = client().post("/accounts", {"balance": "0"}).get_json()
+    ok = {"from_id": a["id"], "to_id": b["id"], "amount": "4"}
+    assert client().post("/transfers", ok).status_code == 201
+    too_much = {**ok, "amount": "2"}
+    assert client().post("/transfers", too_much).status_code == 409
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        balances = dict(
+            conn.execute(
+                "SELECT id, balance::text FROM bank_account WHERE id IN (%s, %s)",
+                (a["id"], b["id"]),
+            ).fetchall()
+        )
+        transfers = conn.execute(
+            "SELECT count(*) FROM bank_transfer WHERE source_id = %s", (a["id"],)
+        ).fetchone()
+    assert balances == {a["id"]: "1.00", b["id"]: "4.00"}
+    assert transfers == (1,)
+    stats = settle()
+    assert stats["acquired"] == 0
+    with psycopg.connect(dsn, autocommit=True) as conn:  # nothing left in a transaction
+        idle_in_tx = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+            "AND state LIKE 'idle in transaction%%'",
+            (APP,),
+        ).fetchone()
+    assert idle_in_tx == (0,)
+
+
+def test_spawned_greenlets_give_their_connections_back(django_app: Any, dsn: str) -> None:
+    response = client().get("/spawn?n=3&hold=0.2")
+    assert response.status_code == 200
+    pids = response.get_json()["pids"]
+    assert len(set(pids)) == 3  # three greenlets held three connections at once
+    settle()  # ... and each gave its own back when it ended
+    assert len(backend_pids(dsn, APP)) <= MAX_SIZE
+
+
+def test_killed_greenlet_inside_a_transaction_is_rolled_back(django_app: Any, dsn: str) -> None:
+    from django.db import transaction
+
+    from examples.django_app.bank.models import Account
+
+    owner = f"k-{uuid.uuid4().hex[:6]}"
+    wrote = Event()
+
+    def writer() -> None:
+        with transaction.atomic():
+            Account.objects.create(owner=owner)
+            wrote.set()
+            gevent.sleep(30)
+
+    g = gevent.spawn(writer)
+    assert wrote.wait(5)
+    g.kill(timeout=5)
+    settle()
+    assert committed(dsn, owner) == 0
+
+
+def test_greenlet_ending_inside_a_transaction_gives_back_a_rolled_back_connection(
+    django_app: Any, dsn: str
+) -> None:
+    from django.db import transaction
+
+    from examples.django_app.bank.models import Account
+
+    owner = f"e-{uuid.uuid4().hex[:6]}"
+    rollbacks = pool().stats()["rollback_count"]
+
+    def forgetful() -> None:
+        transaction.set_autocommit(False)
+        Account.objects.create(owner=owner)  # never committed, never closed
+
+    gevent.spawn(forgetful).get(timeout=5)
+    settle()  # given back as the greenlet ended ...
+    assert pool().stats()["rollback_count"] == rollbacks + 1  # ... and rolled back
+    assert committed(dsn, owner) == 0
+
+
+def test_close_old_connections_gives_back(django_app: Any) -> None:
+    from django.db import close_old_connections, connection
+
+    with connection.cursor() as cur:
+        cur.execute("SELECT 1")
+    assert pool().stats()["acquired"] >= 1
+    close_old_connections()
+    assert connection.connection is None
+    settle()
+
+
+def test_bad_pool_options_name_the_setting(django_app: Any, dsn: str) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    from greenpool.django.base import DatabaseWrapper
+
+    def wrapper(**changes: Any) -> Any:
+        settings_dict = {**_database(dsn), "CONN_MAX_AGE": 0, "ATOMIC_REQUESTS": False}
+        settings_dict.update(changes)
+        return DatabaseWrapper(settings_dict, "bad")
+
+    with pytest.raises(ImproperlyConfigured, match=r"\['pool'\]: unknown setting\(s\) max_conns"):
+        wrapper(OPTIONS={"pool": {"max_conns": 4}})
+    with pytest.raises(ImproperlyConfigured, match=r"\['pool'\]: expected True or a dict"):
+        wrapper(OPTIONS={"pool": 4})
+    with pytest.raises(ImproperlyConfigured, match=r"CONN_MAX_AGE'\]: must be 0"):
+        wrapper(CONN_MAX_AGE=60)
+    with pytest.raises(ImproperlyConfigured, match=r"\['pool'\]: max_size: must not be negative"):
+        wrapper(OPTIONS={"pool": {"max_size": -1}})
+    with pytest.raises(ImproperlyConfigured, match=r"\['pool'\]: min_size: 5 is greater than max"):
+        wrapper(OPTIONS={"pool": {"min_size": 5, "max_size": 2}})
+
+
+def test_without_gevent_the_backend_connects_as_django_does(dsn: str) -> None:
+    """``manage.py`` in a process gevent never patched: Django's own per-thread
+    connections (the threaded runserver too), no pool, no warning."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": dsn,
+        "GP_DJANGO_NAME": APP + "-cli",
+        "PYTHONPATH": repo_root(),
+    }
+    code = (
+        "import os, django; os.environ['DJANGO_SETTINGS_MODULE']='examples.django_app.settings';"
+        "django.setup(); from django.core.management import call_command;"
+        "call_command('migrate', verbosity=0);"
+        "from examples.django_app.bank.models import Account; print(Account.objects.count());"
+        "from greenpool.django import get_pool; print(get_pool('default'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=repo_root(),
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split()
+    assert int(lines[0]) >= 0 and lines[1] == "None"
