@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent import getcurrent
+from gevent.event import Event
 
 from greenpool import conninfo as _ci
 from greenpool import fork, pooler
@@ -187,6 +188,7 @@ class GreenPool(Pool[ConnT]):
         self._on_read_only_error = self._read_only_error
         self._restart = self._restart_after_fork
         self._hub: Any = None
+        self._opening: Event | None = None  # set while open() sets the driver up
         fork.track(self)
         if app is not None:
             self.init_app(app)
@@ -228,6 +230,11 @@ class GreenPool(Pool[ConnT]):
         self._vetting._redact = target.redact
 
     @property
+    def state(self) -> str:
+        """``"new"`` (never opened), ``"open"`` or ``"closed"``. Never switches."""
+        return OPEN if self._state == FORKED else self._state
+
+    @property
     def min_size(self) -> int:
         return self.settings.min_size
 
@@ -256,22 +263,35 @@ class GreenPool(Pool[ConnT]):
         Switches only with ``wait=True`` (and while the driver sets itself up).
         """
         timeout = seconds("timeout", timeout)
+        opening = self._opening
+        if opening is not None:  # another greenlet is opening it: wait for that
+            opening.wait(timeout)
         if self._state in (OPEN, FORKED):
             if wait:
                 self.wait(timeout)
             return
         if self._state == CLOSED:
             raise PoolClosed(f"pool {self.name!r} was closed; create a new pool")
-        problems = cooperation_problems(self._driver)
-        if problems:
-            msg = f"pool {self.name!r} will not cooperate with gevent: " + "; ".join(problems)
-            logger.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        self._state = OPEN
-        self._hub = gevent.get_hub()
-        self._maintenance.start()
-        if self._router is not None:
-            self._router.start()
+        self._opening = Event()
+        try:
+            # Setting the driver up may switch greenlets (gevent_wait's self-test).
+            problems = cooperation_problems(self._driver)
+            if problems:
+                msg = f"pool {self.name!r} will not cooperate with gevent: " + "; ".join(
+                    problems
+                )
+                logger.warning(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            if self._state != NEW:
+                raise PoolClosed(f"pool {self.name!r} was closed while it opened")
+            self._state = OPEN
+            self._hub = gevent.get_hub()
+            self._maintenance.start()
+            if self._router is not None:
+                self._router.start()
+        finally:
+            opening, self._opening = self._opening, None
+            opening.set()
         logger.info("pool %r opened (%s)", self.name, self.target.description)
         if wait:
             try:

@@ -331,15 +331,16 @@ class Pool(Generic[ConnT]):
         self.timeout_count += 1
         raise PoolTimeout(self._timeout_message(monotonic() - start))
 
-    def putconn(self, conn: ConnT) -> None:
+    def putconn(self, conn: ConnT, discard: bool = False) -> None:
         """Give back a borrowed connection.
 
         It is rolled back if a transaction is open, discarded if it is broken or a query
         is still running (the query is cancelled on the server first), and cleaned per the
-        reset policy. Raises PoolError, changing nothing, for a connection this pool did
-        not lend or one already returned. Switches while cleaning (a round trip).
+        reset policy; ``discard=True`` closes it instead (a replacement is opened). Raises
+        PoolError, changing nothing, for a connection this pool did not lend or one
+        already returned. Switches while cleaning (a round trip).
         """
-        self._release(conn, None)
+        self._release(conn, ConnState.BROKEN if discard else None)
 
     def _release(self, conn: Any, state: ConnState | None) -> None:
         """putconn, with the connection's state already read by the caller (or None)."""

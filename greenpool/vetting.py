@@ -316,12 +316,13 @@ class Vetting:
 
     def after_connect(self, rec: Record, configured: bool) -> None:
         """Remember what a new connection looks like, to restore it on every release:
-        its client-side attributes, and (when a ``configure`` callback ran and the policy
-        resets the session) the session settings and role it set. Switches (a round
-        trip) only in the latter case."""
+        its client-side attributes, and (when the policy resets the session) the session
+        settings and role set since it connected (by ``configure``, or by whatever runs
+        at connect: SQLAlchemy's connect events, Django's connection set-up). Switches
+        (one round trip) in the latter case."""
         if self.policy.client:
             rec.client_state = self._driver.client_state(rec.conn)
-        if configured and self.policy.sql is not None:
+        if self.policy.sql is not None:
             rec.session_settings = capture(self._driver, rec.conn)
 
 

@@ -53,7 +53,7 @@ class DatabaseWrapper(PostgresDatabaseWrapper):  # type: ignore[misc]
                 f"(got {settings_dict['CONN_MAX_AGE']!r}); the pool keeps connections open "
                 "and each request gives its connection back"
             )
-        self._lender: GreenPool | None = None
+        self._lender: GreenPool[Any] | None = None
         self._linked: Any = None
 
     # ------------------------------------------------------------------ pool
@@ -64,7 +64,7 @@ class DatabaseWrapper(PostgresDatabaseWrapper):  # type: ignore[misc]
         return None
 
     @property
-    def greenpool(self) -> GreenPool | None:
+    def greenpool(self) -> GreenPool[Any] | None:
         """This alias's GreenPool in this process (None until its first connection)."""
         from greenpool.django.pools import get_pool
 
@@ -121,7 +121,7 @@ class DatabaseWrapper(PostgresDatabaseWrapper):  # type: ignore[misc]
             connection.isolation_level = self.isolation_level
         return connection
 
-    def _pool_for(self, conn_params: dict[str, Any]) -> GreenPool:
+    def _pool_for(self, conn_params: dict[str, Any]) -> GreenPool[Any]:
         assert self._pool_options is not None
         params = dict(conn_params)
         if is_psycopg3:

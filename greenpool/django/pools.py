@@ -38,7 +38,7 @@ POOL_KEYS = frozenset(
     }
 )
 
-_pools: dict[str, GreenPool] = {}
+_pools: dict[str, GreenPool[Any]] = {}
 _validated: set[tuple[str, str]] = set()
 _creating = RLock()
 
@@ -70,7 +70,7 @@ def pool_options(alias: str, options: Any, driver: str = "psycopg") -> dict[str,
 
 def create_pool(
     alias: str, options: dict[str, Any], conn_params: dict[str, Any], driver: str, configure: Any
-) -> GreenPool:
+) -> GreenPool[Any]:
     """The alias's pool, created (and opened) on first use in this process.
 
     Many greenlets ask at once when a worker takes its first requests, and opening may
@@ -99,7 +99,7 @@ def create_pool(
     return pool
 
 
-def get_pool(alias: str = "default") -> GreenPool | None:
+def get_pool(alias: str = "default") -> GreenPool[Any] | None:
     """The alias's GreenPool in this process (None before its first query), for stats()."""
     return _pools.get(alias)
 

@@ -141,8 +141,8 @@ class FlaskHandle(FlaskPool):
     def getconn(self, timeout: float | None = None, read_only: bool = False) -> Any:
         return self._default().getconn(timeout, read_only)
 
-    def putconn(self, conn: Any) -> None:
-        self._default().putconn(conn)
+    def putconn(self, conn: Any, discard: bool = False) -> None:
+        self._default().putconn(conn, discard)
 
     def connection(
         self,

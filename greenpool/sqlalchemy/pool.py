@@ -90,7 +90,7 @@ class GreenQueuePool(Pool):
         connect_timeout: float | None = None,
         max_connecting: int | None = None,
         reconnect_timeout: float | None = None,
-        reset: Any = None,
+        reset: Any = "default",
         **kw: Any,
     ) -> None:
         self._recycle_arg = kw.pop("recycle", -1)
@@ -129,7 +129,7 @@ class GreenQueuePool(Pool):
         self._open_lock = RLock()
         self._hub: Any = None  # the hub whose greenlets borrow (set at first checkout)
         _install_gc_deferral()
-        self._greenpool: GreenPool | None = self._new_greenpool()  # validates settings
+        self._greenpool: GreenPool[Any] | None = self._new_greenpool()  # validates settings
 
     # ------------------------------------------------------------------ configuration
 
@@ -148,7 +148,7 @@ class GreenQueuePool(Pool):
         settings["reset"] = reset
         return settings
 
-    def _new_greenpool(self) -> GreenPool:
+    def _new_greenpool(self) -> GreenPool[Any]:
         name = self._orig_logging_name or "sqlalchemy"
         return GreenPool(
             "",
@@ -161,7 +161,7 @@ class GreenQueuePool(Pool):
         )
 
     @property
-    def greenpool(self) -> GreenPool:
+    def greenpool(self) -> GreenPool[Any]:
         """The GreenPool lending this pool's connections (``.stats()`` for figures)."""
         if self._greenpool is None:
             self._greenpool = self._new_greenpool()
@@ -199,7 +199,7 @@ class GreenQueuePool(Pool):
                 continue
             return rec
 
-    def _open(self, gp: GreenPool) -> None:
+    def _open(self, gp: GreenPool[Any]) -> None:
         # The first checkouts of a worker arrive together and opening may switch
         # greenlets (logging, the driver's set-up): one greenlet opens, the others wait.
         with self._open_lock:

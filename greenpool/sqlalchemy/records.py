@@ -32,7 +32,7 @@ class GreenRecord(_ConnectionRecord):
     greenpool, which cancels the query on the server before closing, holding the slot).
     """
 
-    lender: GreenPool | None
+    lender: GreenPool[Any] | None
     stale: bool
     pending: Any
 
@@ -119,6 +119,26 @@ class RecordDriver:
 
     def execute(self, rec: GreenRecord, sql: str) -> None:
         self.inner.execute(self._conn(rec), sql)
+
+    def query(self, rec: GreenRecord, sql: str, params: Any = None) -> list[Any]:
+        return self.inner.query(self._conn(rec), sql, params)
+
+    def client_state(self, rec: GreenRecord) -> Any:
+        conn = self._conn(rec)
+        return None if conn is None else self.inner.client_state(conn)
+
+    def restore_client_state(self, rec: GreenRecord, saved: Any) -> None:
+        conn = self._conn(rec)
+        if conn is not None and saved is not None:
+            self.inner.restore_client_state(conn, saved)
+
+    def host_of(self, rec: GreenRecord) -> str:
+        conn = self._conn(rec)
+        return "unknown" if conn is None else self.inner.host_of(conn)
+
+    def server_read_only(self, rec: GreenRecord) -> bool | None:
+        conn = self._conn(rec)
+        return None if conn is None else self.inner.server_read_only(conn)
 
     def cancel(self, rec: GreenRecord, timeout: float) -> None:
         self.inner.cancel(self._conn(rec), timeout)
