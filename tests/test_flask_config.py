@@ -41,7 +41,7 @@ def test_extension_does_not_store_the_app() -> None:
     db.init_app(first)
     db.init_app(second)
     assert not any(v is first or v is second for v in vars(db).values())
-    assert db.state(first) is not db.state(second)
+    assert db.app_state(first) is not db.app_state(second)
 
 
 def test_registering_twice_is_an_error() -> None:

@@ -93,7 +93,7 @@ class FlaskPool(GreenPool[Any]):
         req.release_early(self)
 
     @staticmethod
-    def state(app: Flask | None = None) -> AppState:
+    def app_state(app: Flask | None = None) -> AppState:
         """The extension state of ``app`` (default: the current app)."""
         return req.state_of(app)
 
