@@ -3,10 +3,14 @@
 ``python -m benchmarks.profile_http [--variants ext,psycopg_pool_hand,raw,nodb]
 [--endpoints select1] [--seconds 8] [--dsn DSN] [--nice -10]``
 
-Same set-up as the HTTP benchmark (``benchmarks/httpapp.py`` under ``gunicorn -k gevent
--w 1``, PostgreSQL and the app pinned to one CPU, the load generator with 50 keep-alive
-connections on the other): for each variant and endpoint, one burst of load per view, with
-the observer pinned to the load generator's CPU:
+The HTTP benchmark's app (``benchmarks/httpapp.py`` under ``gunicorn -k gevent -w 1``, 50
+keep-alive connections from ``benchmarks.loadgen``), with one difference: the app's worker
+has a CPU to itself, and PostgreSQL, the load generator and the observers share the other
+(the issue's "app and server on separate CPUs"). Sharing its CPU with PostgreSQL, the
+worker is preempted by the backend it just woke inside ``send()``, and a wall-clock
+sampler such as py-spy (which counts a runnable-but-preempted thread as active) would
+charge the server's time to the frame that sent the query. For each variant and endpoint,
+one burst of load per view:
 
 1. ``py-spy record --nonblocking --format raw`` (no ``--idle``: only samples where the
    worker is on a CPU, so the shares are shares of its CPU time) of the worker; the
@@ -359,7 +363,7 @@ def observe(
 def _perf_dso(path: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in path.read_text().splitlines():
-        m = re.match(r"\s+([\d.]+)%\s+\S+\s+(.+?)\s*$", line)
+        m = re.match(r"\s+([\d.]+)%\s+(\S.*?)\s*$", line)
         if m:
             out[m.group(2)] = float(m.group(1))
     return out
@@ -404,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     pinning = common.ServerPinning()
     with database(args.dsn, logdir / "postgresql.log") as (dsn, postmaster, _desc):
         pm = postmaster
-        if args.dsn is None:
-            pinning.apply(pm, args.cpu, args.nice)
+        if args.dsn is None:  # the server shares the load generator's CPU, not the app's
+            pinning.apply(pm, args.loadgen_cpu, args.nice)
         http_schema(dsn)
         try:
             for variant in [v for v in args.variants.split(",") if v]:
