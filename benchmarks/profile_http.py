@@ -256,6 +256,7 @@ def observe(
     pm: int | None,
     args: argparse.Namespace,
     outdir: Path,
+    rnd: int = 0,
 ) -> dict[str, Any]:
     """One burst of load with one observer attached to the worker for ``--seconds``."""
     secs = args.seconds
@@ -264,7 +265,7 @@ def observe(
     stem = outdir / f"{variant}-{endpoint}"
     info: dict[str, Any] = {}
     if tool == "pyspy":
-        raw = stem.with_suffix(".pyspy.txt")
+        raw = stem.with_suffix(f".r{rnd}.pyspy.txt")
         subprocess.run(
             _observer(
                 [
@@ -386,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=8.0, help="observed seconds per view")
     ap.add_argument("--rate", type=int, default=400, help="py-spy samples per second")
     ap.add_argument("--concurrency", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3, help="py-spy windows per variant, alternating")
     ap.add_argument("--dsn", default=None)
     ap.add_argument("--cpu", type=int, default=None)
     ap.add_argument("--nice", type=int, default=None)
@@ -412,27 +414,46 @@ def main(argv: list[str] | None = None) -> int:
             pinning.apply(pm, args.loadgen_cpu, args.nice)
         http_schema(dsn)
         try:
-            for variant in [v for v in args.variants.split(",") if v]:
-                proc, port, log = start_app(variant, dsn, args, logdir)
-                try:
-                    worker = worker_pid(proc.pid)
-                    assert worker is not None, "no gunicorn worker"
+            variants = [v for v in args.variants.split(",") if v]
+            apps: dict[str, Any] = {}
+            try:
+                for variant in variants:  # all up at once: the rounds alternate between them
+                    proc, port, log = start_app(variant, dsn, args, logdir)
+                    apps[variant] = (proc, port, log, worker_pid(proc.pid))
+                    assert apps[variant][3] is not None, f"{variant}: no gunicorn worker"
+                for rnd in range(args.rounds):
                     for endpoint in [e for e in args.endpoints.split(",") if e]:
-                        key = f"{variant}/{endpoint}"
-                        results[key] = {}
-                        for tool in tools:
-                            info = observe(
-                                tool, variant, endpoint, port, proc.pid, worker, pm, args, outdir
-                            )
-                            results[key][tool] = info
-                            b = info.get("burst", {})
-                            print(
-                                f"{key:28s} {tool:6s} {b.get('rps', 0):7.0f} req/s  app CPU "
-                                f"{b.get('app_cpu_us', 0):6.1f} µs/req",
-                                flush=True,
-                            )
-                finally:
+                        order = variants[rnd % len(variants) :] + variants[: rnd % len(variants)]
+                        for variant in order:
+                            proc, port, _log, worker = apps[variant]
+                            key = f"{variant}/{endpoint}"
+                            per_tool = results.setdefault(key, {})
+                            # py-spy every round; perf's two views once (first round)
+                            for tool in tools if rnd == 0 else [t for t in tools if t == "pyspy"]:
+                                info = observe(
+                                    tool,
+                                    variant,
+                                    endpoint,
+                                    port,
+                                    proc.pid,
+                                    worker,
+                                    pm,
+                                    args,
+                                    outdir,
+                                    rnd,
+                                )
+                                per_tool.setdefault(tool, []).append(info)
+                                b = info.get("burst", {})
+                                print(
+                                    f"round {rnd} {key:28s} {tool:6s} "
+                                    f"{b.get('rps', 0):7.0f} req/s  "
+                                    f"app CPU {b.get('app_cpu_us', 0):6.1f} µs/req",
+                                    flush=True,
+                                )
+            finally:
+                for proc, _port, _log, _worker in apps.values():
                     proc.terminate()
+                for proc, _port, log, _worker in apps.values():
                     proc.wait(timeout=15)
                     log.close()
         finally:
@@ -445,6 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cpu_per_request(infos: list[dict[str, Any]]) -> float:
+    """The worker's CPU per request over several bursts (weighted by their requests)."""
+    num = sum((i["burst"].get("app_cpu_us") or 0.0) * (i["burst"].get("rps") or 0.0) for i in infos)
+    den = sum(i["burst"].get("rps") or 0.0 for i in infos)
+    return num / den if den else 0.0
+
+
 def breakdown_markdown(results: dict[str, Any], outdir: Path) -> str:
     lines: list[str] = []
     keys = list(results)
@@ -452,47 +480,54 @@ def breakdown_markdown(results: dict[str, Any], outdir: Path) -> str:
     table: dict[str, dict[str, float]] = {}
     totals: dict[str, float] = {}
     tops: dict[str, list[tuple[str, int]]] = {}
+    samples: dict[str, int] = {}
     for key in keys:
-        info = results[key].get("pyspy")
-        if not info or not (outdir / info["raw"]).exists():
+        infos = [i for i in results[key].get("pyspy", []) if (outdir / i["raw"]).exists()]
+        if not infos:
             continue
-        areas, leaves, total = fold(outdir / info["raw"])
-        cpu = info["burst"].get("app_cpu_us") or 0.0
+        areas: dict[str, int] = collections.defaultdict(int)
+        leaves: collections.Counter[str] = collections.Counter()
+        total = 0
+        for info in infos:
+            a, lv, t = fold(outdir / info["raw"])
+            for name, n in a.items():
+                areas[name] += n
+            leaves.update(lv)
+            total += t
+        cpu = _cpu_per_request(infos)
         totals[key] = cpu
         table[key] = {a: n / total * cpu for a, n in areas.items()} if total else {}
         tops[key] = leaves.most_common(25)
-        info["samples"] = total
+        samples[key] = total
     if table:
         names = [a for a, _ in AREAS] + [OTHER]
         lines += [
             "### py-spy: the worker's CPU per request by area (µs; share of on-CPU samples "
-            "x the worker's CPU per request in the same burst)",
+            "x the worker's CPU per request over the same bursts, all rounds)",
             "",
             "| area | " + " | ".join(table) + " |",
             "|---|" + "---|" * len(table),
         ]
-        for a in names:
-            if any(table[k].get(a, 0) for k in table):
+        for area in names:
+            if any(table[k].get(area, 0) for k in table):
                 lines.append(
-                    f"| {a} | " + " | ".join(f"{table[k].get(a, 0):.1f}" for k in table) + " |"
+                    f"| {area} | "
+                    + " | ".join(f"{table[k].get(area, 0.0):.1f}" for k in table)
+                    + " |"
                 )
         lines.append(
             "| **worker CPU per request** | "
             + " | ".join(f"**{totals[k]:.1f}**" for k in table)
             + " |"
         )
-        lines.append(
-            "| samples | "
-            + " | ".join(str(results[k]["pyspy"].get("samples", 0)) for k in table)
-            + " |"
-        )
+        lines.append("| samples | " + " | ".join(str(samples[k]) for k in table) + " |")
         lines.append("")
         for key, top in tops.items():
-            total = results[key]["pyspy"].get("samples", 1) or 1
+            total = samples.get(key, 1) or 1
             lines += [f"Top self frames, {key}:", ""]
             lines += [f"- {n / total * 100:.1f}% {name}" for name, n in top[:15]]
             lines.append("")
-    perf_rows = {k: results[k]["perf"] for k in keys if "perf" in results[k]}
+    perf_rows = {k: results[k]["perf"][0] for k in keys if results[k].get("perf")}
     if perf_rows:
         dsos: list[str] = []
         for info in perf_rows.values():
@@ -513,7 +548,7 @@ def breakdown_markdown(results: dict[str, Any], outdir: Path) -> str:
                 cells.append(f"{pct * cpu / 100:.1f} ({pct:.0f}%)")
             lines.append(f"| {d} | " + " | ".join(cells) + " |")
         lines.append("")
-    trace_rows = {k: results[k]["trace"] for k in keys if "trace" in results[k]}
+    trace_rows = {k: results[k]["trace"][0] for k in keys if results[k].get("trace")}
     if trace_rows:
         calls: list[str] = []
         for info in trace_rows.values():
