@@ -7,10 +7,12 @@ The in-process count (``benchmarks.flask_instructions``) runs one request after 
 in one greenlet: it leaves out gunicorn (HTTP parsing, the response, keep-alive) and the
 hub's work when 50 requests are in flight at once (more loop turns, switches, timers). Here
 the real worker runs under valgrind's callgrind while ``benchmarks.loadgen`` drives it with
-50 keep-alive connections: instrumentation is switched on (``callgrind_control -i on -z``)
-only around a run of exactly ``--requests`` requests (the load generator stops issuing
-after that many and waits for every answer), then dumped. Under valgrind the worker is
-about 50 times slower, so it is saturated with all 50 requests queued, as a CPU-bound
+50 keep-alive connections, exactly ``N`` requests (the load generator stops issuing after
+that many and waits for every answer). Each variant runs twice, with ``--warmup-requests``
+and with ``--warmup-requests + --requests`` requests; the difference of the worker's
+lifetime counts divided by ``--requests`` is one request (``callgrind_control`` does not
+reach a forked worker, so the count cannot be switched on around the window). Under
+valgrind the worker is about 50 times slower, so it is saturated with all 50 requests queued, as a CPU-bound
 worker is in the wall-clock benchmark. User-space instructions only: the kernel's socket
 and epoll work is in the ``perf`` view of ``benchmarks.profile_http``.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,18 +37,11 @@ from benchmarks import common
 from benchmarks.run import _free_port, database, http_schema
 
 
-def _control(args: list[str]) -> None:
-    subprocess.run(["callgrind_control", *args], capture_output=True, timeout=120, check=False)
-
-
-def _totals(path: Path) -> int | None:
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith(("totals:", "summary:")):
-            return int(line.split()[1])
-    return None
-
-
-def measure(variant: str, dsn: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def _one_run(
+    variant: str, dsn: str, args: argparse.Namespace, workdir: Path, n: int
+) -> tuple[int, int]:
+    """Start gunicorn under callgrind, serve ``n`` requests (after the readiness probe),
+    stop it; (instructions the worker executed in its whole life, requests served)."""
     port = _free_port()
     env = common.worker_env()
     env.update(
@@ -56,13 +52,12 @@ def measure(variant: str, dsn: str, args: argparse.Namespace, workdir: Path) -> 
             "PYTHONHASHSEED": "0",
         }
     )
-    out = workdir / f"{variant}.%p.out"
-    log = (workdir / f"{variant}.log").open("w")
+    logpath = workdir / f"{variant}.{n}.log"
+    log = logpath.open("w")
     cmd = [
         "valgrind",
         "--tool=callgrind",
-        "--instr-atstart=no",
-        f"--callgrind-out-file={out}",
+        f"--callgrind-out-file={workdir / f'{variant}.{n}.%p.out'}",
         sys.executable,
         "-m",
         "gunicorn",
@@ -85,6 +80,8 @@ def measure(variant: str, dsn: str, args: argparse.Namespace, workdir: Path) -> 
     if args.cpu is not None:
         cmd = ["taskset", "-c", str(args.cpu), *cmd]
     proc = subprocess.Popen(cmd, cwd=common.REPO_ROOT, env=env, stdout=log, stderr=log)
+    done = 0
+    worker = None
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -95,70 +92,70 @@ def measure(variant: str, dsn: str, args: argparse.Namespace, workdir: Path) -> 
             except OSError:
                 time.sleep(1)
             if proc.poll() is not None:
-                raise RuntimeError(f"{variant}: gunicorn under valgrind exited (see its log)")
+                raise RuntimeError(f"{variant}: gunicorn under valgrind exited (see {logpath})")
         workers = common.children_of(proc.pid)
-        # taskset execs valgrind in place; valgrind runs gunicorn's master in this pid
         worker = workers[0] if workers else None
-        if worker is None:
-            raise RuntimeError(f"{variant}: no worker")
-
-        def drive(n: int, warmup: float) -> dict[str, Any]:
-            gen = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.loadgen",
-                    "--target",
-                    f"app={port}",
-                    "--path",
-                    args.path,
-                    "--concurrency",
-                    str(args.concurrency),
-                    "--cycles",
-                    "1",
-                    "--burst",
-                    "600",
-                    "--warmup",
-                    str(warmup),
-                    "--max-requests",
-                    str(n),
-                    *(["--cpu", str(args.loadgen_cpu)] if args.loadgen_cpu is not None else []),
-                ],
-                cwd=common.REPO_ROOT,
-                env=common.worker_env(),
-                capture_output=True,
-                text=True,
-                timeout=1800,
-                check=False,
-            )
-            res = common.parse_result(gen.stdout) or {}
-            info: dict[str, Any] = res.get("targets", {}).get("app", {})
-            return info
-
-        drive(args.warmup_requests, 0.0)  # the pool full, psycopg's statements prepared
-        _control(["-i", "on", str(worker)])
-        _control(["-z", str(worker)])
-        info = drive(args.requests, 0.0)
-        _control(["-d", str(worker)])
-        _control(["-i", "off", str(worker)])
-        dumps = sorted(workdir.glob(f"{variant}.{worker}.out.*"), key=lambda p: p.stat().st_mtime)
-        total = _totals(dumps[-1]) if dumps else None
+        gen = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.loadgen",
+                "--target",
+                f"app={port}",
+                "--path",
+                args.path,
+                "--concurrency",
+                str(args.concurrency),
+                "--cycles",
+                "1",
+                "--burst",
+                "1200",
+                "--warmup",
+                "0",
+                "--max-requests",
+                str(n),
+                *(["--cpu", str(args.loadgen_cpu)] if args.loadgen_cpu is not None else []),
+            ],
+            cwd=common.REPO_ROOT,
+            env=common.worker_env(),
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+        res = common.parse_result(gen.stdout) or {}
+        info = res.get("targets", {}).get("app", {})
         done = int(info.get("requests") or 0)
-        return {
-            "variant": variant,
-            "requests": done,
-            "errors": info.get("first_error"),
-            "instructions": total,
-            "k_per_request": total / done / 1000 if total and done else None,
-        }
+        if info.get("first_error"):
+            raise RuntimeError(f"{variant}: {info['first_error']}")
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=120)
+            proc.wait(timeout=300)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         log.close()
+    found = re.search(rf"=={worker}== Collected : (\d+)", logpath.read_text())
+    if worker is None or not found:
+        raise RuntimeError(f"{variant}: no count for the worker in {logpath}")
+    return int(found.group(1)), done
+
+
+def measure(variant: str, dsn: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Two lives of the worker, ``--warmup-requests`` and ``--warmup-requests +
+    --requests`` requests: the difference per request cancels start-up, connect, the
+    first requests and shutdown."""
+    small, n_small = _one_run(variant, dsn, args, workdir, args.warmup_requests)
+    large, n_large = _one_run(variant, dsn, args, workdir, args.warmup_requests + args.requests)
+    diff = n_large - n_small
+    return {
+        "variant": variant,
+        "requests": diff,
+        "errors": None,
+        "instructions": large - small,
+        "k_per_request": (large - small) / diff / 1000 if diff > 0 else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=50)
     ap.add_argument("--dsn", default=None)
     ap.add_argument("--cpu", type=int, default=None)
+    ap.add_argument("--keep", type=Path, default=None, help="keep callgrind files here")
     args = ap.parse_args(argv)
     args.cpu = common.pick_cpu(args.cpu)
     args.loadgen_cpu = common.other_cpu(args.cpu)
@@ -178,9 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="greenpool-httpcg-") as tmp,
         database(args.dsn, Path(tmp) / "postgresql.log") as (dsn, _pm, _desc),
     ):
+        workdir = args.keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         http_schema(dsn)
         for v in [v for v in args.variants.split(",") if v]:
-            row = measure(v, dsn, args, Path(tmp))
+            row = measure(v, dsn, args, workdir)
             rows.append(row)
             k = row["k_per_request"]
             print(
