@@ -12,8 +12,8 @@ that many and waits for every answer). Each variant runs twice, with ``--warmup-
 and with ``--warmup-requests + --requests`` requests; the difference of the worker's
 lifetime counts divided by ``--requests`` is one request (``callgrind_control`` does not
 reach a forked worker, so the count cannot be switched on around the window). Under
-valgrind the worker is about 50 times slower, so it is saturated with all 50 requests queued, as a CPU-bound
-worker is in the wall-clock benchmark. User-space instructions only: the kernel's socket
+valgrind the worker is about 50 times slower, so it is saturated with all 50 requests
+queued, as a CPU-bound worker is in the wall-clock benchmark. User-space instructions only: the kernel's socket
 and epoll work is in the ``perf`` view of ``benchmarks.profile_http``.
 """
 
