@@ -13,8 +13,9 @@ and with ``--warmup-requests + --requests`` requests; the difference of the work
 lifetime counts divided by ``--requests`` is one request (``callgrind_control`` does not
 reach a forked worker, so the count cannot be switched on around the window). Under
 valgrind the worker is about 50 times slower, so it is saturated with all 50 requests
-queued, as a CPU-bound worker is in the wall-clock benchmark. User-space instructions only: the kernel's socket
-and epoll work is in the ``perf`` view of ``benchmarks.profile_http``.
+queued, as a CPU-bound worker is in the wall-clock benchmark. User-space instructions
+only: the kernel's socket and epoll work is in the ``perf`` view of
+``benchmarks.profile_http``.
 """
 
 from __future__ import annotations
