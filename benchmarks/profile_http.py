@@ -49,7 +49,7 @@ from benchmarks import common
 from benchmarks.run import HTTP_ENDPOINTS, _free_port, _pin_child, database, http_schema
 
 #: (area, rule) in order: the innermost frame matching a rule decides a sample's area.
-#: A rule is (substring of the file, function name or None for any).
+#: A rule is (substring of the file, function name (without its class) or None for any).
 AREAS: list[tuple[str, list[tuple[str, str | None]]]] = [
     (
         "pool: waiting for a connection (park, hand-over)",
@@ -111,7 +111,7 @@ def classify(stack: str) -> str:
     for func, path in reversed(frames):
         for area, rules in AREAS:
             for fragment, name in rules:
-                if fragment in path and (name is None or func == name):
+                if fragment in path and (name is None or func.rsplit(".", 1)[-1] == name):
                     return area
     return OTHER
 
