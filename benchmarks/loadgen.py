@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-requests", type=int, default=2_000_000, help="per burst")
     ap.add_argument("--cpu", type=int, default=None)
     ap.add_argument("--nice", type=int, default=None)
+    ap.add_argument("--connect-timeout", type=float, default=10.0)
+    ap.add_argument("--network-timeout", type=float, default=30.0)
     args = ap.parse_args(argv)
     pinned = common.pin_self(args.cpu, args.nice)
     targets = _pairs(args.target)
@@ -98,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             args.host,
             port,
             concurrency=args.concurrency,
-            connection_timeout=10.0,
-            network_timeout=30.0,
+            connection_timeout=args.connect_timeout,
+            network_timeout=args.network_timeout,
         )
         for name, port in targets.items()
     }
