@@ -407,17 +407,40 @@ def http_summary(
     targets = result.get("targets", {})
     ref = targets.get(reference, {}).get("bursts", [])
     ref_rps = {b["cycle"]: b["rps"] for b in ref if b.get("rps")}
+    # Database-side CPU per request, paired: each burst minus the no-database floor's
+    # burst of the same cycle (the floor itself drifts by 20-40% on a shared machine).
+    floor = {
+        b["cycle"]: b["app_cpu_us"]
+        for b in targets.get("nodb", {}).get("bursts", [])
+        if b.get("app_cpu_us") is not None
+    }
+
+    def dbside(b: dict[str, Any]) -> float | None:
+        if b.get("app_cpu_us") is None or b["cycle"] not in floor:
+            return None
+        return float(b["app_cpu_us"] + (b.get("pg_cpu_us") or 0.0) - floor[b["cycle"]])
+
+    ref_db = {b["cycle"]: dbside(b) for b in ref}
     for v, info in targets.items():
         ratios = []
+        db: list[float] = []
+        db_ratios: list[float] = []
         for b in info.get("bursts", []):
             records.append({"contender": v, "round": b["cycle"], "metrics": b})
             if ref_rps.get(b["cycle"]):
                 ratios.append(b["rps"] / ref_rps[b["cycle"]])
+            d, r = dbside(b), ref_db.get(b["cycle"])
+            if d is not None and v != "nodb":
+                db.append(d)
+                if r:
+                    db_ratios.append(d / r)
         extras[v] = {
             "p50_ms": info.get("p50_ms"),
             "p99_ms": info.get("p99_ms"),
             "requests": info.get("requests"),
             "rps_paired_ratio": common.median(ratios) if ratios else None,
+            "dbside_us": common.median(db) if db else None,
+            "dbside_paired_ratio": common.median(db_ratios) if db_ratios else None,
             "first_error": info.get("first_error"),
         }
     return records, extras
