@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 
+# The suites bound themselves (subprocess timeout 300 s); pytest-timeout's global 120 s
+# would cut them first on a loaded machine (a quick run took 189 s at load average 6).
 @pytest.mark.slow
+@pytest.mark.timeout(330)
 def test_quick_benchmark_runs_and_writes_a_report(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--results-dir", str(tmp_path)],
@@ -31,6 +34,7 @@ def test_quick_benchmark_runs_and_writes_a_report(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(330)
 def test_flask_http_quick_runs_every_variant_and_endpoint(tmp_path: Path) -> None:
     out = subprocess.run(
         [
