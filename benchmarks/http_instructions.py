@@ -50,6 +50,7 @@ def _one_run(
             "BENCH_DSN": dsn,
             "BENCH_HTTP_POOL": variant,
             "BENCH_HTTP_MAX_SIZE": "10",
+            "BENCH_HTTP_POOL_TIMEOUT": "3600",  # 50x slower: waits exceed the usual 30 s
             "PYTHONHASHSEED": "0",
         }
     )

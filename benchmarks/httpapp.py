@@ -36,7 +36,9 @@ Environment (read by :func:`create_app` when called without arguments):
     the app costs, which no pool can go under;
 
 - ``BENCH_HTTP_MAX_SIZE``: pool size (default 10; the pools are opened full, the
-  extension's on the first request).
+  extension's on the first request);
+- ``BENCH_HTTP_POOL_TIMEOUT``: seconds a request waits for a connection (default 30, every
+  pool's default; ``benchmarks.http_instructions`` raises it for a worker under valgrind).
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def create_app(
         raise SystemExit(f"BENCH_HTTP_POOL: unknown mode {mode!r}")
     dsn = dsn if dsn is not None else os.environ["BENCH_DSN"]
     size = max_size or int(os.environ.get("BENCH_HTTP_MAX_SIZE", "10"))
+    timeout = float(os.environ.get("BENCH_HTTP_POOL_TIMEOUT", "30"))
     app_name = f"bench-http-{mode}"
     kwargs: dict[str, Any] = {"autocommit": True}
     app = Flask(__name__)
@@ -125,6 +128,7 @@ def create_app(
             GREENPOOL_MAX_SIZE=size,
             GREENPOOL_KWARGS=kwargs,
             GREENPOOL_NAME=app_name,
+            GREENPOOL_TIMEOUT=timeout,
         )
         db = FlaskGreenPool()
         db.init_app(app)
@@ -139,7 +143,13 @@ def create_app(
         if mode == "greenpool_pw":
             os.environ["GREENPOOL_PSYCOPG_WAIT"] = "psycopg"
         gpool = GreenPool(
-            dsn, min_size=size, max_size=size, name=app_name, kwargs=kwargs, open=False
+            dsn,
+            min_size=size,
+            max_size=size,
+            timeout=timeout,
+            name=app_name,
+            kwargs=kwargs,
+            open=False,
         )
         gpool.open(wait=True, timeout=30.0)
         if mode == "raw_hand":
@@ -155,6 +165,7 @@ def create_app(
             max_size=size,
             kwargs={**kwargs, "application_name": app_name},
             name=app_name,
+            timeout=timeout,
             open=True,
         )
         ppool.wait(timeout=30.0)
