@@ -175,6 +175,72 @@ def tree_cpu_ns(root: int | None) -> int | None:
     return total
 
 
+def _proc_counters(pid: int) -> dict[str, int] | None:
+    """user/system CPU (clock ticks, with reaped children) and context switches of one
+    live process, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out = {
+            "utime": int(fields[11]) + int(fields[13]),
+            "stime": int(fields[12]) + int(fields[14]),
+        }
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                out["vcsw"] = int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                out["ivcsw"] = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def tree_counters(root: int | None) -> dict[str, float] | None:
+    """:func:`_proc_counters` summed over ``root`` and its live children.
+
+    CPU comes as ``user_ns``/``sys_ns`` (clock-tick resolution: read differences over
+    seconds, not milliseconds); context switches and syscalls of children that exited in
+    between are lost, so use it on trees whose children live through the measurement
+    (a gunicorn master and its workers, a postmaster with a pool's backends).
+    """
+    if root is None:
+        return None
+    own = _proc_counters(root)
+    if own is None:
+        return None
+    total: dict[str, float] = {k: float(v) for k, v in own.items()}
+    for child in children_of(root):
+        for k, v in (_proc_counters(child) or {}).items():
+            total[k] = total.get(k, 0.0) + v
+    tick_ns = 1e9 / _CLK_TCK
+    total["user_ns"] = total.pop("utime") * tick_ns
+    total["sys_ns"] = total.pop("stime") * tick_ns
+    return total
+
+
+def counters_delta(
+    before: dict[str, float] | None, after: dict[str, float] | None, n: int, prefix: str
+) -> dict[str, float]:
+    """Per-request differences of two :func:`tree_counters` readings, keys prefixed."""
+    if before is None or after is None:
+        return {}
+    n = max(1, n)
+    names = {
+        "user_ns": "user_us",
+        "sys_ns": "sys_us",
+        "vcsw": "vcsw",
+        "ivcsw": "ivcsw",
+    }
+    out: dict[str, float] = {}
+    for key, name in names.items():
+        if key in before and key in after:
+            scale = 1e3 if key.endswith("_ns") else 1.0
+            out[f"{prefix}_{name}"] = (after[key] - before[key]) / scale / n
+    return out
+
+
 @dataclass
 class CpuMeter:
     """Client (this process) and server (a process tree) CPU spent between start and stop."""

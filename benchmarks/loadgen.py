@@ -8,7 +8,8 @@ every target alike. Everything is bounded by time and by ``--max-requests`` per 
 
 Per burst it records requests/s, latency percentiles and, when ``--app-pid NAME=PID``
 and ``--postmaster`` are given (local processes), the CPU the app's process tree and the
-database server spent per request. Prints one ``BENCH_RESULT {json}`` line:
+database server spent per request (and its user/system split and context switches per
+request, from /proc). Prints one ``BENCH_RESULT {json}`` line:
 ``{"targets": {name: {"bursts": [...], "p50_ms", "p99_ms", ...}}}``.
 """
 
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-requests", type=int, default=2_000_000, help="per burst")
     ap.add_argument("--cpu", type=int, default=None)
     ap.add_argument("--nice", type=int, default=None)
+    ap.add_argument("--connect-timeout", type=float, default=10.0)
+    ap.add_argument("--network-timeout", type=float, default=30.0)
     args = ap.parse_args(argv)
     pinned = common.pin_self(args.cpu, args.nice)
     targets = _pairs(args.target)
@@ -97,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             args.host,
             port,
             concurrency=args.concurrency,
-            connection_timeout=10.0,
-            network_timeout=30.0,
+            connection_timeout=args.connect_timeout,
+            network_timeout=args.network_timeout,
         )
         for name, port in targets.items()
     }
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in names[shift:] + names[:shift]:
                 app0 = common.tree_cpu_ns(app_pids.get(name))
                 pg0 = common.tree_cpu_ns(args.postmaster)
+                appc0 = common.tree_counters(app_pids.get(name))
+                pgc0 = common.tree_counters(args.postmaster)
                 own0 = time.process_time()
                 lat, errs, secs = burst(
                     clients[name], args.path, args.concurrency, args.burst, args.max_requests
@@ -122,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 own1 = time.process_time()
                 app1 = common.tree_cpu_ns(app_pids.get(name))
                 pg1 = common.tree_cpu_ns(args.postmaster)
+                appc1 = common.tree_counters(app_pids.get(name))
+                pgc1 = common.tree_counters(args.postmaster)
                 n = max(1, len(lat))
                 lat.sort()
                 rec: dict[str, Any] = {
@@ -136,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                     rec["app_cpu_us"] = (app1 - app0) / 1e3 / n
                 if pg0 is not None and pg1 is not None:
                     rec["pg_cpu_us"] = (pg1 - pg0) / 1e3 / n
+                # user/system split and context switches per request
+                rec.update(common.counters_delta(appc0, appc1, n, "app"))
+                rec.update(common.counters_delta(pgc0, pgc1, n, "pg"))
                 if "app_cpu_us" in rec and "pg_cpu_us" in rec:
                     rec["req_per_cpu_s"] = 1e6 / (rec["app_cpu_us"] + rec["pg_cpu_us"])
                 bursts[name].append(rec)

@@ -15,8 +15,147 @@ HTTP_LABELS = {
     "greenpool_pw": "greenpool, psycopg's own wait",
     "psycopg_pool": "psycopg_pool",
     "nopool": "connect per request",
+    "ext": "ext: Flask extension, db.conn",
+    "raw": "raw: core pool, with pool.connection()",
+    "raw_hand": "raw_hand: core pool, getconn + teardown putconn",
+    "psycopg_pool_hand": "psycopg_pool_hand: getconn + teardown putconn",
+    "psycopg_pool_with": "psycopg_pool_with: with pool.connection()",
     "nodb": "no database (the app alone)",
 }
+HTTP_ENDPOINT_LABELS = {
+    "select1": "SELECT 1",
+    "sleep": "pg_sleep(5 ms)",
+    "tx": "short transaction (BEGIN, SELECT ... FOR UPDATE, UPDATE, COMMIT)",
+}
+
+
+def http_reference(variants: Sequence[str]) -> str:
+    """The HTTP variant every ratio is computed against."""
+    return "psycopg_pool_hand" if "psycopg_pool_hand" in variants else REFERENCE
+
+
+def merge_http_extras(
+    agg: dict[str, dict[str, dict[str, float]]], extras: dict[str, dict[str, Any]]
+) -> None:
+    """Add the pooled p50/p99 and the paired ratio to the per-burst medians."""
+    for v, extra in extras.items():
+        for key in ("p50_ms", "p99_ms", "rps_paired_ratio", "dbside_us", "dbside_paired_ratio"):
+            val = extra.get(key)
+            if v in agg and isinstance(val, (int, float)):
+                agg[v][key] = {"median": float(val), "min": float(val), "max": float(val)}
+
+
+def http_endpoints_markdown(
+    endpoints: dict[str, dict[str, dict[str, dict[str, float]]]], meta: dict[str, Any]
+) -> list[str]:
+    """Per endpoint: every variant's req/s, latency and CPU per request, the database-side
+    CPU above the no-database floor, and the ratios to the reference variant."""
+    if not endpoints:
+        return []
+    lines = [
+        "",
+        f"## HTTP per endpoint (Flask on gunicorn -k gevent, {meta.get('http_workers', 1)} "
+        f"worker(s); {meta.get('http_concurrency')} keep-alive clients on loopback)",
+        "",
+        f"Per endpoint, all apps are driven in turn by one load generator ("
+        f"{meta.get('http_bursts')}); req/s and CPU per request are medians over bursts, "
+        "p50/p99 over all requests, the paired ratio is the median over cycles of req/s "
+        "divided by the reference's in the same cycle. *app CPU* is gunicorn's process tree "
+        "(user + system), *PG* the server's. *DB-side* = app + PG CPU per request minus the "
+        "`nodb` floor's (the same app answering without a database) in the same cycle, "
+        "median over cycles, and its ratio is the median of the per-cycle ratios (the floor "
+        "itself drifts by 20-40% between bursts on a shared machine): everything the "
+        "database path costs (pool, driver, waits, the hub's extra turns, the kernel's "
+        "socket work, PostgreSQL). The user/system split has clock-tick "
+        "resolution (10 ms per burst: coarse in --quick); context switches are voluntary + "
+        "involuntary, per request, in the app's processes.",
+        "",
+    ]
+    summary_rows: list[list[str]] = []
+    for endpoint, http in endpoints.items():
+        variants = [v for v in HTTP_LABELS if v in http]
+        ref = http_reference(variants)
+        floor_app = _get(http, "nodb", "app_cpu_us")
+
+        def total(v: str, http: dict[str, dict[str, dict[str, float]]] = http) -> float:
+            return _get(http, v, "app_cpu_us") + _get(http, v, "pg_cpu_us")
+
+        def dbside(v: str, http: dict[str, dict[str, dict[str, float]]] = http) -> float:
+            """Median over cycles of (app + PG) minus the same cycle's floor."""
+            return _get(http, v, "dbside_us") if v != "nodb" else math.nan
+
+        def db_ratio(v: str, http: dict[str, dict[str, dict[str, float]]] = http) -> float:
+            """Median over cycles of the per-cycle ratio to the reference."""
+            return _get(http, v, "dbside_paired_ratio") if v != "nodb" else math.nan
+
+        lines += [f"### {HTTP_ENDPOINT_LABELS.get(endpoint, endpoint)}", ""]
+        lines += _table(
+            [
+                "variant",
+                "req/s",
+                f"paired ratio to {ref}",
+                "p50 ms",
+                "p99 ms",
+                "app CPU µs/req (user + sys)",
+                "PG CPU µs/req",
+                "app above floor µs",
+                "DB-side µs/req",
+                f"DB-side ratio to {ref}",
+                "ctx switches/req",
+                "errors",
+                "loadgen CPU µs/req",
+            ],
+            [
+                [
+                    HTTP_LABELS[v],
+                    _fmt(_get(http, v, "rps"), 0),
+                    f"{_fmt(_get(http, v, 'rps_paired_ratio'), 2)}x",
+                    _fmt(_get(http, v, "p50_ms"), 2),
+                    _fmt(_get(http, v, "p99_ms"), 2),
+                    f"{_fmt(_get(http, v, 'app_cpu_us'))} ("
+                    f"{_fmt(_get(http, v, 'app_user_us'))} + {_fmt(_get(http, v, 'app_sys_us'))})",
+                    _fmt(_get(http, v, "pg_cpu_us")),
+                    _fmt(_get(http, v, "app_cpu_us") - floor_app) if v != "nodb" else "-",
+                    _fmt(dbside(v)),
+                    f"{_fmt(db_ratio(v), 2)}x" if v != "nodb" else "-",
+                    _fmt(_get(http, v, "app_vcsw") + _get(http, v, "app_ivcsw"), 2),
+                    _fmt(_get(http, v, "errors", "max"), 0),
+                    _fmt(_get(http, v, "loadgen_cpu_us")),
+                ]
+                for v in variants
+            ],
+        )
+        lines.append("")
+        if "ext" in http and ref in http:
+            ratio = db_ratio("ext")
+            p99, p99_ref = _get(http, "ext", "p99_ms"), _get(http, ref, "p99_ms")
+            summary_rows.append(
+                [
+                    HTTP_ENDPOINT_LABELS.get(endpoint, endpoint).split(" (")[0],
+                    f"{_fmt(_get(http, 'ext', 'rps_paired_ratio'), 2)}x",
+                    f"{_fmt(dbside('ext'))} vs {_fmt(dbside(ref))} = {_fmt(ratio, 2)}x",
+                    "**met**" if ratio <= 0.7 else "**missed**" if ratio == ratio else "-",
+                    f"{_fmt(p99, 2)} vs {_fmt(p99_ref, 2)} ms",
+                    f"{_fmt(_get(http, 'ext', 'app_cpu_us') - _get(http, 'raw', 'app_cpu_us'))}"
+                    if "raw" in http
+                    else "-",
+                ]
+            )
+    if summary_rows:
+        lines += ["### ext against psycopg_pool wired by hand", ""]
+        lines += _table(
+            [
+                "endpoint",
+                "req/s ext / psycopg_pool_hand (paired)",
+                "DB-side CPU µs/req, ext vs psycopg_pool_hand",
+                "target <= 0.7x",
+                "p99 ext vs psycopg_pool_hand",
+                "app CPU ext - raw µs/req (noisy: see benchmarks.flask_instructions)",
+            ],
+            summary_rows,
+        )
+        lines.append("")
+    return lines
 
 
 def http_limit(
@@ -267,6 +406,7 @@ def markdown(
     meta: dict[str, Any],
     chart_name: str | None,
     paired: dict[str, dict[str, dict[str, float]]] | None = None,
+    endpoints: dict[str, dict[str, dict[str, dict[str, float]]]] | None = None,
 ) -> str:
     order = [c for c in CONTENDERS if c in agg]
     ref = REFERENCE
@@ -289,135 +429,139 @@ def markdown(
     if chart_name:
         lines += [f"![chart]({chart_name})", ""]
 
-    lines += ["## Targets", ""]
-    verdict = {True: "**met**", False: "**missed**", None: "not measured"}
-    lines += _table(
-        [
-            "target",
-            "goal",
-            "measured (wall clock, medians)",
-            "verdict",
-            "CPU-cost view",
-            "paired cross-check",
-        ],
-        [[t.name, t.goal, t.measured, verdict[t.met], t.cpu_view, t.paired_view] for t in targets],
-    )
+    if agg:  # worker rounds ran (not with --flask-http)
+        lines += ["## Targets", ""]
+        verdict = {True: "**met**", False: "**missed**", None: "not measured"}
+        lines += _table(
+            [
+                "target",
+                "goal",
+                "measured (wall clock, medians)",
+                "verdict",
+                "CPU-cost view",
+                "paired cross-check",
+            ],
+            [
+                [t.name, t.goal, t.measured, verdict[t.met], t.cpu_view, t.paired_view]
+                for t in targets
+            ],
+        )
 
-    def r(who: str, metric: str, digits: int = 1, ratio: bool = True) -> list[str]:
-        v = _get(agg, who, metric)
-        cells = [_fmt(v, digits)]
-        if ratio:
-            cells.append(_ratio(v, _get(agg, ref, metric)))
-        return cells
+        def r(who: str, metric: str, digits: int = 1, ratio: bool = True) -> list[str]:
+            v = _get(agg, who, metric)
+            cells = [_fmt(v, digits)]
+            if ratio:
+                cells.append(_ratio(v, _get(agg, ref, metric)))
+            return cells
 
-    def cpu_pair(who: str, prefix: str) -> str:
-        cli = _get(agg, who, f"{prefix}_client_cpu_us")
-        srv = _get(agg, who, f"{prefix}_server_cpu_us")
-        return f"{_fmt(cli, 1)} + {_fmt(srv, 1)}"
+        def cpu_pair(who: str, prefix: str) -> str:
+            cli = _get(agg, who, f"{prefix}_client_cpu_us")
+            srv = _get(agg, who, f"{prefix}_server_cpu_us")
+            return f"{_fmt(cli, 1)} + {_fmt(srv, 1)}"
 
-    lines += [
-        "",
-        "## One greenlet (lower is better)",
-        "",
-        "Wall-clock µs per operation, and the CPU it cost as client + server µs (the CPU "
-        "columns hardly move when other work shares the CPU; wall clock does).",
-        "",
-    ]
-    lines += _table(
-        [
-            "contender",
-            "acquire+release µs",
-            "ratio",
-            "client CPU µs",
-            "acquire+SELECT 1+release µs",
-            "ratio",
-            "CPU µs (client + server)",
-            "SELECT 1 on held conn µs",
-            "CPU µs (client + server)",
-            "raw connect+close ms",
-        ],
-        [
+        lines += [
+            "",
+            "## One greenlet (lower is better)",
+            "",
+            "Wall-clock µs per operation, and the CPU it cost as client + server µs (the CPU "
+            "columns hardly move when other work shares the CPU; wall clock does).",
+            "",
+        ]
+        lines += _table(
             [
-                CONTENDERS[c],
-                *r(c, "acq_rel_us", 2),
-                *r(c, "acq_rel_client_cpu_us", 2, False),
-                *r(c, "select1_us"),
-                cpu_pair(c, "select1"),
-                *r(c, "held_select1_us", 1, False),
-                cpu_pair(c, "held_select1"),
-                *r(c, "connect_close_ms", 2, False),
-            ]
-            for c in order
-        ],
-    )
-    lines += ["", "## Contended SELECT 1 (200 greenlets, 10 connections)", ""]
-    lines += _table(
-        [
-            "contender",
-            "ops/s",
-            "ratio",
-            "wait p50 ms",
-            "wait p99 ms",
-            "wait max ms",
-            "CV of per-greenlet ops",
-            "starved (of 200)",
-            "CPU µs/op (client + server)",
-            "ops per CPU-s",
-            "ratio",
-            "errors",
-        ],
-        [
+                "contender",
+                "acquire+release µs",
+                "ratio",
+                "client CPU µs",
+                "acquire+SELECT 1+release µs",
+                "ratio",
+                "CPU µs (client + server)",
+                "SELECT 1 on held conn µs",
+                "CPU µs (client + server)",
+                "raw connect+close ms",
+            ],
             [
-                CONTENDERS[c],
-                *r(c, "contended_ops_per_s", 0),
-                *r(c, "contended_wait_p50_ms", 2, False),
-                *r(c, "contended_wait_p99_ms", 2, False),
-                *r(c, "contended_wait_max_ms", 1, False),
-                *r(c, "contended_cv", 3, False),
-                *r(c, "contended_starved", 0, False),
-                cpu_pair(c, "contended"),
-                *r(c, "contended_ops_per_cpu_s", 0),
-                *r(c, "contended_errors", 0, False),
-            ]
-            for c in order
-        ],
-    )
-    lines += ["", "## I/O bound (pg_sleep(0.005), 200 greenlets, 10 connections)", ""]
-    lines += _table(
-        ["contender", "ops/s", "ceiling ops/s", "% of ceiling", "one call ms", "starved"],
-        [
+                [
+                    CONTENDERS[c],
+                    *r(c, "acq_rel_us", 2),
+                    *r(c, "acq_rel_client_cpu_us", 2, False),
+                    *r(c, "select1_us"),
+                    cpu_pair(c, "select1"),
+                    *r(c, "held_select1_us", 1, False),
+                    cpu_pair(c, "held_select1"),
+                    *r(c, "connect_close_ms", 2, False),
+                ]
+                for c in order
+            ],
+        )
+        lines += ["", "## Contended SELECT 1 (200 greenlets, 10 connections)", ""]
+        lines += _table(
             [
-                CONTENDERS[c],
-                *r(c, "io_ops_per_s", 0, False),
-                *r(c, "io_ceiling", 0, False),
-                *r(c, "io_pct_of_ceiling", 1, False),
-                *r(c, "io_one_call_ms", 2, False),
-                *r(c, "io_starved", 0, False),
-            ]
-            for c in order
-        ],
-    )
-    lines += ["", "## Spike on a cold pool (100 requests, max 10) and cooperation check", ""]
-    lines += _table(
-        [
-            "contender",
-            "spike ms",
-            "ratio",
-            "peak backends at once",
-            "backends opened",
-            "10 x pg_sleep(0.2) wall ms",
-        ],
-        [
+                "contender",
+                "ops/s",
+                "ratio",
+                "wait p50 ms",
+                "wait p99 ms",
+                "wait max ms",
+                "CV of per-greenlet ops",
+                "starved (of 200)",
+                "CPU µs/op (client + server)",
+                "ops per CPU-s",
+                "ratio",
+                "errors",
+            ],
             [
-                CONTENDERS[c],
-                *r(c, "spike_ms"),
-                _fmt(_get(agg, c, "spike_peak_backends", "max"), 0),
-                _fmt(_get(agg, c, "spike_opened", "max"), 0),
-                *r(c, "coop_wall_ms", 1, False),
-            ]
-            for c in order
-        ],
-    )
+                [
+                    CONTENDERS[c],
+                    *r(c, "contended_ops_per_s", 0),
+                    *r(c, "contended_wait_p50_ms", 2, False),
+                    *r(c, "contended_wait_p99_ms", 2, False),
+                    *r(c, "contended_wait_max_ms", 1, False),
+                    *r(c, "contended_cv", 3, False),
+                    *r(c, "contended_starved", 0, False),
+                    cpu_pair(c, "contended"),
+                    *r(c, "contended_ops_per_cpu_s", 0),
+                    *r(c, "contended_errors", 0, False),
+                ]
+                for c in order
+            ],
+        )
+        lines += ["", "## I/O bound (pg_sleep(0.005), 200 greenlets, 10 connections)", ""]
+        lines += _table(
+            ["contender", "ops/s", "ceiling ops/s", "% of ceiling", "one call ms", "starved"],
+            [
+                [
+                    CONTENDERS[c],
+                    *r(c, "io_ops_per_s", 0, False),
+                    *r(c, "io_ceiling", 0, False),
+                    *r(c, "io_pct_of_ceiling", 1, False),
+                    *r(c, "io_one_call_ms", 2, False),
+                    *r(c, "io_starved", 0, False),
+                ]
+                for c in order
+            ],
+        )
+        lines += ["", "## Spike on a cold pool (100 requests, max 10) and cooperation check", ""]
+        lines += _table(
+            [
+                "contender",
+                "spike ms",
+                "ratio",
+                "peak backends at once",
+                "backends opened",
+                "10 x pg_sleep(0.2) wall ms",
+            ],
+            [
+                [
+                    CONTENDERS[c],
+                    *r(c, "spike_ms"),
+                    _fmt(_get(agg, c, "spike_peak_backends", "max"), 0),
+                    _fmt(_get(agg, c, "spike_opened", "max"), 0),
+                    *r(c, "coop_wall_ms", 1, False),
+                ]
+                for c in order
+            ],
+        )
     if http:
         hv = [v for v in HTTP_LABELS if v in http]
         lines += [
@@ -465,6 +609,7 @@ def markdown(
                 for v in hv
             ],
         )
+    lines += http_endpoints_markdown(endpoints or {}, meta)
     if paired:
         lines += [
             "",

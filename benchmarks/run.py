@@ -44,6 +44,14 @@ CORE = ["greenpool", "psycopg_pool", "sqla_fifo", "sqla_lifo", "psycopg2", "naiv
 FULL = [*CORE, "greenpool_pw"]
 HTTP_CORE = ["greenpool", "psycopg_pool", "nopool"]
 HTTP_FULL = ["greenpool", "psycopg_pool", "nopool", "greenpool_pw", "nodb"]
+#: ``--flask-http``: the Flask extension against the raw pool and psycopg_pool wired both ways.
+HTTP_FLASK = ["ext", "raw", "psycopg_pool_hand", "psycopg_pool_with", "nodb"]
+HTTP_ENDPOINTS = {"select1": "/q", "sleep": "/sleep", "tx": "/tx"}  # as in benchmarks.httpapp
+HTTP_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS bench_http_accounts (id int PRIMARY KEY, balance bigint)",
+    "INSERT INTO bench_http_accounts SELECT i, 0 FROM generate_series(1, 10000) i "
+    "ON CONFLICT DO NOTHING",
+)
 WORKER_TIMEOUT = 300.0
 
 
@@ -196,18 +204,33 @@ def _pin_child(cpu: int | None, nice: int | None) -> Any:
     return pin
 
 
+def http_schema(dsn: str) -> None:
+    """The table of the ``/tx`` endpoint (httpapp cannot be imported here: it reads env)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True, application_name="bench-admin") as conn:
+        for sql in HTTP_SCHEMA:
+            conn.execute(sql)
+
+
 def run_http(
     variants: list[str], dsn: str, args: argparse.Namespace, logdir: Path
-) -> tuple[dict[str, Any], list[str]]:
-    """Start one gunicorn -k gevent per variant, then drive them all, interleaved, with one
-    load generator (``--http-cycles`` bursts of ``--http-seconds`` each, order rotating).
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Start one gunicorn -k gevent per variant, then, for each endpoint in turn, drive them
+    all, interleaved, with one load generator (``--http-cycles`` bursts of
+    ``--http-seconds`` each, order rotating).
 
-    Returns the load generator's result ({"targets": {variant: ...}}) and problems.
+    Returns {endpoint: the load generator's result ({"targets": {variant: ...}})} and
+    problems.
     """
     problems: list[str] = []
     servers: dict[str, subprocess.Popen[bytes]] = {}
     ports: dict[str, int] = {}
     logs = []
+    endpoints = [e for e in args.http_endpoints.split(",") if e]
+    results: dict[str, dict[str, Any]] = {}
+    if "tx" in endpoints:
+        http_schema(dsn)
     try:
         for v in variants:
             port = _free_port()
@@ -223,7 +246,7 @@ def run_http(
                     "-k",
                     "gevent",
                     "-w",
-                    "1",
+                    str(args.http_workers),
                     "--worker-connections",
                     "1000",
                     "--keep-alive",
@@ -232,7 +255,7 @@ def run_http(
                     f"127.0.0.1:{port}",
                     "--log-level",
                     "warning",
-                    "benchmarks.httpapp:app",
+                    "benchmarks.httpapp:create_app()",
                 ],
                 cwd=common.REPO_ROOT,
                 env=env,
@@ -257,47 +280,51 @@ def run_http(
         live = [v for v in variants if servers[v].poll() is None]
         if not live:
             return {}, problems
-        cmd = [
-            sys.executable,
-            "-m",
-            "benchmarks.loadgen",
-            "--concurrency",
-            str(args.http_concurrency),
-            "--cycles",
-            str(args.http_cycles),
-            "--burst",
-            str(args.http_seconds),
-            "--warmup",
-            str(args.http_warmup),
-        ]
-        for v in live:
-            cmd += ["--target", f"{v}={ports[v]}", "--app-pid", f"{v}={servers[v].pid}"]
-        if args.postmaster is not None:
-            cmd += ["--postmaster", str(args.postmaster)]
-        if args.loadgen_cpu is not None:
-            cmd += ["--cpu", str(args.loadgen_cpu)]
-        if args.nice is not None:
-            cmd += ["--nice", str(args.nice)]
-        budget = len(live) * (args.http_cycles * args.http_seconds + args.http_warmup) + 120
-        try:
-            proc = subprocess.run(
-                cmd,
-                cwd=common.REPO_ROOT,
-                env=common.worker_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                timeout=budget,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            problems.append("http: load generator timed out")
-            return {}, problems
-        result = common.parse_result(proc.stdout)
-        if result is None:
-            problems.append(f"http: load generator failed: {proc.stdout[-500:]}")
-            return {}, problems
-        return result, problems
+        for endpoint in endpoints:
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.loadgen",
+                "--path",
+                HTTP_ENDPOINTS[endpoint],
+                "--concurrency",
+                str(args.http_concurrency),
+                "--cycles",
+                str(args.http_cycles),
+                "--burst",
+                str(args.http_seconds),
+                "--warmup",
+                str(args.http_warmup),
+            ]
+            for v in live:
+                cmd += ["--target", f"{v}={ports[v]}", "--app-pid", f"{v}={servers[v].pid}"]
+            if args.postmaster is not None:
+                cmd += ["--postmaster", str(args.postmaster)]
+            if args.loadgen_cpu is not None:
+                cmd += ["--cpu", str(args.loadgen_cpu)]
+            if args.nice is not None:
+                cmd += ["--nice", str(args.nice)]
+            budget = len(live) * (args.http_cycles * args.http_seconds + args.http_warmup) + 120
+            try:
+                proc = subprocess.run(
+                    cmd,
+                    cwd=common.REPO_ROOT,
+                    env=common.worker_env(),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    timeout=budget,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                problems.append(f"http {endpoint}: load generator timed out")
+                continue
+            result = common.parse_result(proc.stdout)
+            if result is None:
+                problems.append(f"http {endpoint}: load generator failed: {proc.stdout[-500:]}")
+                continue
+            results[endpoint] = result
+        return results, problems
     finally:
         for server in servers.values():
             server.send_signal(signal.SIGTERM)
@@ -371,24 +398,49 @@ def run_paired(
     return out, problems
 
 
-def http_summary(result: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def http_summary(
+    result: dict[str, Any], reference: str = common.REFERENCE
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per-burst records (aggregated like rounds) and pooled/paired extras per variant."""
     records: list[dict[str, Any]] = []
     extras: dict[str, Any] = {}
     targets = result.get("targets", {})
-    ref = targets.get(common.REFERENCE, {}).get("bursts", [])
+    ref = targets.get(reference, {}).get("bursts", [])
     ref_rps = {b["cycle"]: b["rps"] for b in ref if b.get("rps")}
+    # Database-side CPU per request, paired: each burst minus the no-database floor's
+    # burst of the same cycle (the floor itself drifts by 20-40% on a shared machine).
+    floor = {
+        b["cycle"]: b["app_cpu_us"]
+        for b in targets.get("nodb", {}).get("bursts", [])
+        if b.get("app_cpu_us") is not None
+    }
+
+    def dbside(b: dict[str, Any]) -> float | None:
+        if b.get("app_cpu_us") is None or b["cycle"] not in floor:
+            return None
+        return float(b["app_cpu_us"] + (b.get("pg_cpu_us") or 0.0) - floor[b["cycle"]])
+
+    ref_db = {b["cycle"]: dbside(b) for b in ref}
     for v, info in targets.items():
         ratios = []
+        db: list[float] = []
+        db_ratios: list[float] = []
         for b in info.get("bursts", []):
             records.append({"contender": v, "round": b["cycle"], "metrics": b})
             if ref_rps.get(b["cycle"]):
                 ratios.append(b["rps"] / ref_rps[b["cycle"]])
+            d, r = dbside(b), ref_db.get(b["cycle"])
+            if d is not None and v != "nodb":
+                db.append(d)
+                if r:
+                    db_ratios.append(d / r)
         extras[v] = {
             "p50_ms": info.get("p50_ms"),
             "p99_ms": info.get("p99_ms"),
             "requests": info.get("requests"),
             "rps_paired_ratio": common.median(ratios) if ratios else None,
+            "dbside_us": common.median(db) if db else None,
+            "dbside_paired_ratio": common.median(db_ratios) if db_ratios else None,
             "first_error": info.get("first_error"),
         }
     return records, extras
@@ -419,6 +471,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--paired-window", type=float, default=0.15, help="seconds per window")
     ap.add_argument("--http-concurrency", type=int, default=50)
     ap.add_argument(
+        "--http-endpoints",
+        default=None,
+        help="comma-separated: select1 (/q), sleep (pg_sleep 5 ms), tx (short transaction); "
+        "default select1, all three with --flask-http",
+    )
+    ap.add_argument("--http-workers", type=int, default=1, help="gunicorn workers per app")
+    ap.add_argument(
+        "--flask-http",
+        action="store_true",
+        help="only the HTTP comparison of the Flask extension (ext) with the raw pool, "
+        "psycopg_pool wired by hand and with `with pool.connection()`, and the no-database "
+        "floor, on every endpoint (with --quick: a CI smoke under a minute)",
+    )
+    ap.add_argument(
         "--loadgen-cpu",
         type=int,
         default=None,
@@ -444,6 +510,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
     args = ap.parse_args(argv)
     scenarios = common.SCENARIOS
+    if args.flask_http:
+        if args.contenders is None:
+            args.contenders = ""
+        if args.http is None:
+            args.http = ",".join(HTTP_FLASK)
+        if args.http_endpoints is None:
+            args.http_endpoints = ",".join(HTTP_ENDPOINTS)
+        if args.paired_cycles is None:
+            args.paired_cycles = 0
+        if args.http_cycles is None:
+            args.http_cycles = 2 if args.quick else 10
+    if args.http_endpoints is None:
+        args.http_endpoints = "select1"
     if args.rounds is None:
         args.rounds = 1 if args.quick else 7
     if args.contenders is None:
@@ -459,6 +538,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.http_cycles is None:
         args.http_cycles = 3 if args.quick else 20
     args.http_warmup = 0.5 if args.quick else 1.0
+    if args.flask_http and args.quick:
+        args.http_warmup = 0.3
     unknown = set(filter(None, args.contenders.split(","))) - set(common.CONTENDERS)
     if unknown:
         ap.error(f"unknown contender(s): {', '.join(sorted(unknown))}")
@@ -468,6 +549,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(filter(None, args.http.split(","))) - set(report.HTTP_LABELS)
     if unknown:
         ap.error(f"unknown HTTP variant(s): {', '.join(sorted(unknown))}")
+    unknown = set(filter(None, args.http_endpoints.split(","))) - set(HTTP_ENDPOINTS)
+    if unknown:
+        ap.error(f"unknown HTTP endpoint(s): {', '.join(sorted(unknown))}")
     return args
 
 
@@ -475,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.greenpool_rev = greenpool_revision()
     mode = "quick" if args.quick else "full"
+    if args.flask_http:
+        mode = f"flask-http-{mode}"
     if args.profile:
         mode = "profile"
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -520,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
             runs: list[dict[str, Any]] = []
             http_runs: list[dict[str, Any]] = []
             http_extras: dict[str, Any] = {}
+            endpoint_agg: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+            endpoint_runs: dict[str, list[dict[str, Any]]] = {}
             paired_agg: dict[str, dict[str, dict[str, float]]] = {}
             contenders = [c for c in args.contenders.split(",") if c]
             variants = [v for v in args.http.split(",") if v]
@@ -565,31 +653,35 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  WARNING {problems[-1]}")
             if variants:
                 t0 = time.monotonic()
-                http_result, http_problems = run_http(variants, dsn, args, logdir)
+                http_by_ep, http_problems = run_http(variants, dsn, args, logdir)
                 problems.extend(http_problems)
                 for e in http_problems:
                     log(f"  ERROR {e}")
-                http_runs, http_extras = http_summary(http_result)
-                for v, info in http_result.get("targets", {}).items():
-                    rps = [b["rps"] for b in info.get("bursts", [])]
-                    log(
-                        f"http {v:13s} median {common.median(rps):8.0f} req/s over "
-                        f"{len(rps)} bursts  p50 {info.get('p50_ms') or 0:6.2f} ms  "
-                        f"p99 {info.get('p99_ms') or 0:6.2f} ms"
-                    )
+                http_ref = report.http_reference(variants)
+                for endpoint, result in http_by_ep.items():
+                    recs, extras = http_summary(result, http_ref)
+                    endpoint_agg[endpoint] = report.aggregate(recs)
+                    report.merge_http_extras(endpoint_agg[endpoint], extras)
+                    endpoint_runs[endpoint] = recs
+                    for v, extra in extras.items():
+                        if extra.get("first_error"):
+                            problems.append(f"http {endpoint} {v}: {extra['first_error']}")
+                    if endpoint == "select1" and not args.flask_http:
+                        http_runs, http_extras = recs, extras
+                    for v, info in result.get("targets", {}).items():
+                        rps = [b["rps"] for b in info.get("bursts", [])]
+                        log(
+                            f"http {endpoint:7s} {v:17s} median {common.median(rps):8.0f} req/s "
+                            f"over {len(rps)} bursts  p50 {info.get('p50_ms') or 0:6.2f} ms  "
+                            f"p99 {info.get('p99_ms') or 0:6.2f} ms"
+                        )
                 log(f"http phase: {time.monotonic() - t0:.1f} s")
         finally:
             pinning.restore()
 
     agg = report.aggregate(runs)
     http_agg = report.aggregate(http_runs)
-    for v, extra in http_extras.items():
-        for key in ("p50_ms", "p99_ms", "rps_paired_ratio"):
-            val = extra.get(key)
-            if v in http_agg and isinstance(val, (int, float)):
-                http_agg[v][key] = {"median": float(val), "min": float(val), "max": float(val)}
-        if extra.get("first_error"):
-            problems.append(f"http {v}: {extra['first_error']}")
+    report.merge_http_extras(http_agg, http_extras)
     targets = report.evaluate_targets(agg, http_agg, paired_agg)
     waits = sorted({f"{r['contender']}={r.get('psycopg_wait', '?')}" for r in runs})
     meta = {
@@ -607,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({2 * args.paired_window:g} s contended)",
         "http_bursts": f"{args.http_cycles} cycles of {args.http_seconds:g} s bursts per app, "
         f"after {args.http_warmup:g} s of warm-up each",
+        "http_workers": args.http_workers,
         "problems": problems,
         "elapsed_s": round(time.monotonic() - started, 1),
         "load": f"1-min load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after "
@@ -615,7 +708,12 @@ def main(argv: list[str] | None = None) -> int:
     chart_path: Path | None = outdir / "chart.png"
     assert chart_path is not None
     try:
-        report.chart(agg, http_agg, chart_path, f"greenpool benchmark, {mode} mode, {meta['when']}")
+        if agg or http_agg:
+            report.chart(
+                agg, http_agg, chart_path, f"greenpool benchmark, {mode} mode, {meta['when']}"
+            )
+        else:  # --flask-http: the tables say it all
+            chart_path = None
     except Exception as ex:  # a report without a chart beats no report
         problems.append(f"chart: {type(ex).__name__}: {ex}")
         chart_path = None
@@ -626,10 +724,14 @@ def main(argv: list[str] | None = None) -> int:
         meta,
         chart_path.name if chart_path is not None else None,
         paired_agg,
+        endpoint_agg,
     )
     (outdir / "report.md").write_text(md)
     (outdir / "raw.json").write_text(
-        json.dumps(common.clean_floats({"runs": runs, "http": http_runs}), indent=1)
+        json.dumps(
+            common.clean_floats({"runs": runs, "http": http_runs, "http_endpoints": endpoint_runs}),
+            indent=1,
+        )
     )
     (outdir / "summary.json").write_text(
         json.dumps(
@@ -638,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
                     "meta": meta,
                     "medians": agg,
                     "http": http_agg,
+                    "http_endpoints": endpoint_agg,
                     "paired": paired_agg,
                     "targets": [t.__dict__ for t in targets],
                 }

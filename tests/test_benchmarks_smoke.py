@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 
+# The suites bound themselves (subprocess timeout 300 s); pytest-timeout's global 120 s
+# would cut them first on a loaded machine (a quick run took 189 s at load average 6).
 @pytest.mark.slow
+@pytest.mark.timeout(330)
 def test_quick_benchmark_runs_and_writes_a_report(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--results-dir", str(tmp_path)],
@@ -28,3 +31,33 @@ def test_quick_benchmark_runs_and_writes_a_report(tmp_path: Path) -> None:
     assert "greenpool" in summary["medians"] and summary["targets"], summary.keys()
     assert "worker exited" not in report
     assert (reports[0].parent / "chart.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(330)
+def test_flask_http_quick_runs_every_variant_and_endpoint(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--flask-http",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    reports = list(tmp_path.glob("*-flask-http-quick/report.md"))
+    assert reports, list(tmp_path.iterdir())
+    report = reports[0].read_text()
+    for heading in ("### SELECT 1", "### pg_sleep(5 ms)", "### short transaction"):
+        assert heading in report
+    for variant in ("ext:", "raw:", "psycopg_pool_hand:", "psycopg_pool_with:", "no database"):
+        assert report.count(variant) >= 3, variant
+    assert "Problems during the run" not in report, report
+    summary = json.loads(reports[0].with_name("summary.json").read_text())
+    assert set(summary["http_endpoints"]) == {"select1", "sleep", "tx"}
