@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 WARMUP = 300
-CASES = ("nodb", "ext", "raw_hand", "raw", "psycopg_pool_hand")
+CASES = ("nodb", "ext", "ext_noreset", "raw_hand", "raw", "psycopg_pool_hand")
 PATH = "/borrow"  # borrow and give back, no query: see the module docstring
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,9 @@ Environment (read by :func:`create_app` when called without arguments):
 - ``BENCH_HTTP_POOL``, the variant:
 
   - ``ext``: the Flask extension, ``db.conn`` in the view (``GreenPool(); init_app``,
-    ``GREENPOOL_CONNINFO``, ``GREENPOOL_KWARGS={"autocommit": True}``);
+    ``GREENPOOL_CONNINFO``, ``GREENPOOL_KWARGS={"autocommit": True}``), with its default
+    session reset (one round trip per request that used the database);
+  - ``ext_noreset``: the same with ``GREENPOOL_RESET="none"`` (the work psycopg_pool does);
   - ``raw`` (alias ``greenpool``): the core pool, ``with pool.connection()`` in the view;
   - ``raw_hand``: the core pool wired by hand, ``getconn`` on first use and ``putconn``
     in a ``teardown_request`` hook (what the extension does, without the extension);
@@ -54,6 +56,7 @@ from flask import Flask, g
 #: Variants and what they are (report labels live in benchmarks.report).
 VARIANTS = (
     "ext",
+    "ext_noreset",
     "raw",
     "raw_hand",
     "psycopg_pool_hand",
@@ -119,9 +122,11 @@ def create_app(
     # `get_conn` (the request's connection, given back when the request ends).
     borrow: Callable[[], AbstractContextManager[Any]] | None = None
     get_conn: Callable[[], Any] | None = None
-    if mode == "ext":
-        from greenpool.flask import GreenPool as FlaskGreenPool
+    if mode in ("ext", "ext_noreset"):
+        from greenpool import GreenPool as FlaskGreenPool
 
+        if mode == "ext_noreset":  # same work as psycopg_pool: no session reset
+            app.config["GREENPOOL_RESET"] = "none"
         app.config.update(
             GREENPOOL_CONNINFO=dsn,
             GREENPOOL_MIN_SIZE=size,

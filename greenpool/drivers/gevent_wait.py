@@ -120,8 +120,9 @@ class _SocketWatchers:
     Creating and closing a libev watcher per wait costs about as much as the rest of the
     wait's own bookkeeping. libev tracks fds by number, and a later socket may get the
     number of a closed one without the hub running in between: libev then still believes
-    the fd registered with epoll. Setting the watcher's events before every start (as a
-    fresh watcher's init does) makes libev re-register it, so a kept watcher is safe.
+    the fd registered with epoll. Setting the watcher's events (as a fresh watcher's init
+    does) makes libev re-register it; :func:`_wait_kept` does so when a wait ends on the
+    interval timer, not before every start (that cost one epoll_ctl syscall per wait).
     """
 
     __slots__ = ("interval", "io", "timer")
@@ -150,7 +151,8 @@ def _kept_watchers(hub: Any, fileno: int, events: int, interval: float) -> _Sock
 def _wait_kept(hub: Any, kept: _SocketWatchers, fileno: int, events: int) -> int:
     """:func:`_wait_once` with the socket's kept watchers (timer: psycopg's interval)."""
     io = kept.io
-    io.events = events  # also marks the fd for re-registration: see _SocketWatchers
+    if io.events != events:
+        io.events = events  # a changed mask re-registers the fd anyway
     timer = kept.timer
     current_switch = getcurrent().switch
     try:
@@ -162,6 +164,12 @@ def _wait_kept(hub: Any, kept: _SocketWatchers, fileno: int, events: int) -> int
         io.stop()
         if timer is not None:
             timer.stop()
+    if result is _TICK:
+        # Not ready within psycopg's interval. If this fd number now belongs to a new
+        # socket that libev still believes registered (see _SocketWatchers), setting the
+        # events makes the next start re-register it: that case heals at the first tick
+        # instead of costing an epoll_ctl syscall on every wait.
+        io.events = events
     return _ready_flags(result, fileno, events)
 
 
