@@ -47,9 +47,7 @@ def step(message: str) -> None:
 
 
 def _require_checkout() -> None:
-    missing = [
-        p for p in ("examples/flask_app", "deploy", "tests/support") if not (REPO / p).is_dir()
-    ]
+    missing = [p for p in ("examples/flask_app", "deploy") if not (REPO / p).is_dir()]
     if missing:
         raise DemoError(
             f"the demo runs from a source checkout; {', '.join(missing)} not found under {REPO}"
@@ -60,19 +58,19 @@ def _require_checkout() -> None:
 
 @contextlib.contextmanager
 def embedded_postgres() -> Iterator[str]:
-    """A throwaway cluster on 127.0.0.1 (tests/support/pgcluster.py); yields its DSN."""
-    # Imported by name: the harness lives in the checkout, not in the installed package.
-    PgCluster = importlib.import_module("tests.support.pgcluster").PgCluster
+    """A throwaway server on 127.0.0.1 (:mod:`greenpool.embedded`); yields its superuser
+    DSN, whose password stays in a 0600 passfile."""
+    from greenpool.embedded import EmbeddedPostgres
 
     started = time.monotonic()
-    cluster = PgCluster(max_connections=100)
+    cluster = EmbeddedPostgres(max_connections=100)
     try:
         cluster.start()
         step(
             f"embedded PostgreSQL ready on {cluster.host}:{cluster.port} "
             f"in {time.monotonic() - started:.1f} s (binaries: {cluster.bindir})"
         )
-        yield cluster.admin_dsn
+        yield cluster.dsn()
     finally:
         cluster.destroy()
         step("embedded PostgreSQL stopped and removed")
