@@ -10,15 +10,27 @@ labels). Protect these routes as you would any internal endpoint.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.registry import Collector
 
 from greenpool.flask_ext.state import AppState
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
+# prometheus_client is optional: only the Prometheus endpoint and collector need it.
+_MISSING_PROMETHEUS = (
+    "the Prometheus metrics need prometheus_client: pip install 'greenpool[prometheus]'"
+)
+
+
+def _require_prometheus() -> None:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError as ex:
+        raise ImportError(_MISSING_PROMETHEUS) from ex
+
 
 _LABELS = ["database", "pool", "pid"]
 
@@ -63,17 +75,22 @@ _CLOSED_REASONS = {
 }
 
 
-class GreenPoolCollector(Collector):
+class GreenPoolCollector:
     """A prometheus_client collector reading the pools of one Flask app.
 
     Register it in your own registry to merge greenpool's metrics with the app's:
     ``REGISTRY.register(GreenPoolCollector(app))``. Only started pools are reported.
+    Raises ImportError naming the extra to install when prometheus_client is missing.
     """
 
     def __init__(self, app: Flask) -> None:
+        _require_prometheus()
         self._app = app
 
     def collect(self) -> Iterator[Metric]:
+        """The pools' figures as Prometheus metric families."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         state: AppState = self._app.extensions["greenpool"]
         snapshot = state.snapshot()
         pid = str(snapshot["pid"])
@@ -109,6 +126,11 @@ def _stats() -> Response:
 
 
 def _metrics() -> Response:
+    try:
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+    except ImportError:
+        return Response(_MISSING_PROMETHEUS + "\n", status=501, mimetype="text/plain")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GreenPoolCollector(current_app._get_current_object()))  # type: ignore[attr-defined]
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
