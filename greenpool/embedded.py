@@ -59,6 +59,7 @@ __all__ = [
     "make_conninfo",
     "passfile_line",
     "scram_secret",
+    "write_private",
 ]
 
 #: Superuser created by initdb; authenticates with the random password in ``passfile``.
@@ -197,7 +198,7 @@ def _read_postmaster_pid(data_dir: Path) -> int | None:
         return None
 
 
-def _write_private(path: Path, text: str, owner: pwd.struct_passwd | None = None) -> None:
+def write_private(path: Path, text: str, owner: pwd.struct_passwd | None = None) -> None:
     """Create ``path`` with mode 0600 (never readable by others, not even briefly)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -353,6 +354,16 @@ class EmbeddedPostgres:
     def bindir(self) -> Path:
         """The PostgreSQL bin directory in use."""
         return self._bindir
+
+    @property
+    def max_connections(self) -> int:
+        """The server's max_connections."""
+        return self._max_connections
+
+    @property
+    def extra_settings(self) -> dict[str, str]:
+        """The settings given on top of :meth:`settings` (a copy)."""
+        return dict(self._extra_settings)
 
     @property
     def run_as(self) -> str | None:
@@ -566,7 +577,7 @@ class EmbeddedPostgres:
         # stretching (4096 PBKDF2 rounds by default, about 12 ms of CPU per connection on
         # client and server) protects nothing here and would only slow every connect.
         pwfile = self.base_dir / "initdb.pw"
-        _write_private(pwfile, scram_secret(self._password, _SCRAM_ITERATIONS) + "\n", self._user)
+        write_private(pwfile, scram_secret(self._password, _SCRAM_ITERATIONS) + "\n", self._user)
         try:
             self.run(
                 [
@@ -579,7 +590,7 @@ class EmbeddedPostgres:
         finally:
             pwfile.unlink(missing_ok=True)
         lines = [passfile_line(h, "*", SUPERUSER, self._password) for h in (HOST, "localhost")]
-        _write_private(self.passfile, "".join(lines))
+        write_private(self.passfile, "".join(lines))
         self._write_config()
 
     def _write_config(self) -> None:
