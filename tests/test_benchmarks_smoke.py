@@ -12,6 +12,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # as long as the subprocess may take (pytest's default is 120 s)
 def test_quick_benchmark_runs_and_writes_a_report(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--results-dir", str(tmp_path)],
