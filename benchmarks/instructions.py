@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     cluster: Any = None
     dsn = args.dsn
     if dsn is None:
-        from tests.support.pgcluster import PgCluster
+        from greenpool.embedded import EmbeddedPostgres
 
-        cluster = PgCluster()
+        cluster = EmbeddedPostgres()
         cluster.start()
         dsn = cluster.admin_dsn
     try:

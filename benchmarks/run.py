@@ -101,9 +101,9 @@ def database(dsn: str | None, keep_log: Path) -> Iterator[tuple[str, int | None,
     if dsn:
         yield dsn, None, "given --dsn"
         return
-    from tests.support.pgcluster import PgCluster  # imports psycopg: fine, never patched
+    from greenpool.embedded import EmbeddedPostgres  # psycopg: fine, never patched here
 
-    cluster = PgCluster(max_connections=150)
+    cluster = EmbeddedPostgres(max_connections=150)
     t0 = time.monotonic()
     cluster.start()
     try:

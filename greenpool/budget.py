@@ -4,12 +4,15 @@ Each gunicorn worker has its own pool, so at peak the server sees
 ``instances x workers x max_size`` connections from the app, plus whatever else connects
 (migrations, cron jobs, psql, monitoring). Ordinary roles may use ``max_connections``
 minus ``superuser_reserved_connections`` minus (PostgreSQL 16+) ``reserved_connections``.
+
+The server is read from DATABASE_URL (or --conninfo, but a password there shows in ps).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -181,10 +184,22 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``greenpool budget``."""
     parser.add_argument(
-        "--conninfo", help="server to ask (default: $DATABASE_URL, then libpq's PG* variables)"
+        "--conninfo",
+        help="server to ask instead of $DATABASE_URL (default: $DATABASE_URL, then libpq's "
+        "PG* variables); prefer DATABASE_URL for a password: ps shows command lines",
     )
     parser.add_argument("--workers", type=_positive, required=True, help="workers per instance")
     parser.add_argument("--max-size", type=_positive, required=True, help="pool max_size")
@@ -201,12 +216,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not connect: use this max_connections (with --superuser-reserved)",
     )
     parser.add_argument("--superuser-reserved", type=_non_negative, default=3)
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to connect")
+    parser.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to connect")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
     """``greenpool budget``: print the verdict; 0 if it fits, 1 if not, 2 on error."""
+    from greenpool.cli import warn_if_password
+
+    warn_if_password("greenpool budget", args.conninfo)
     if args.max_connections is not None:
         limits = ServerLimits(args.max_connections, args.superuser_reserved)
     else:

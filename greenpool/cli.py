@@ -1,4 +1,9 @@
-"""The ``greenpool`` command: ``greenpool budget ...`` and ``greenpool demo ...``."""
+"""The ``greenpool`` command: ``greenpool budget ...`` and ``greenpool demo ...``.
+
+Both read the database from ``DATABASE_URL``; ``--conninfo`` overrides it, but a
+password on a command line is visible to every user of the machine (``ps``), so the
+commands warn when ``--conninfo`` carries one.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,39 @@ import os
 import sys
 
 
+def warn_if_password(prog: str, conninfo: str | None) -> bool:
+    """Warn on stderr when a conninfo given on the command line holds a password.
+
+    Every user of the machine can read command lines (``ps``, ``/proc/PID/cmdline``).
+    Returns whether it warned; the password itself is never printed.
+    """
+    if not conninfo:
+        return False
+    from greenpool.conninfo import secrets_of, split_conninfo
+
+    try:
+        params = split_conninfo(conninfo).params
+    except ValueError:
+        return False  # reported, without the secret, where the conninfo is used
+    if not secrets_of(params, {}):
+        return False
+    print(
+        f"{prog}: warning: --conninfo holds a password, which every user of this machine "
+        "can read in the process list (ps); set DATABASE_URL instead, or keep the password "
+        "in a passfile (~/.pgpass)",
+        file=sys.stderr,
+    )
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``greenpool`` command."""
     from greenpool import budget, demo
 
     parser = argparse.ArgumentParser(
-        prog="greenpool", description="Tools for greenpool, the gevent PostgreSQL pool."
+        prog="greenpool",
+        description="Tools for greenpool, the gevent PostgreSQL pool. The database comes "
+        "from DATABASE_URL (preferred: a --conninfo password shows in ps) or --conninfo.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     budget_parser = commands.add_parser(

@@ -1,12 +1,15 @@
 """``greenpool demo``: the example app under gunicorn -k gevent, loaded by locust.
 
-Steps: a database (``--conninfo``/``DATABASE_URL``, else an embedded throwaway
-PostgreSQL), the example schema, gunicorn with the deploy config on 127.0.0.1, a bounded
-headless locust run, a summary (throughput, latency percentiles, failures, each worker's
-pool statistics), then a clean shutdown that checks no connection is left behind.
+Steps: a database (``DATABASE_URL`` or ``--conninfo``, else an embedded throwaway
+PostgreSQL), the example schema, gunicorn with greenpool's gunicorn settings on
+127.0.0.1, a bounded headless locust run, a summary (throughput, latency percentiles,
+failures, each worker's pool statistics), then a clean shutdown that checks no connection
+is left behind. SIGINT, SIGTERM and SIGHUP all stop gunicorn and locust before exiting.
 
-It needs a source checkout (``examples/``, ``deploy/`` and ``tests/support/`` are not
-part of the installed package) and the ``flask``, ``gunicorn`` and ``locust`` extras.
+It runs from an installed wheel: ``pip install 'greenpool[demo]'`` brings Flask,
+gunicorn, locust and (on Linux x86_64) the ``pgserver`` wheel's PostgreSQL binaries.
+Prefer ``DATABASE_URL`` to ``--conninfo`` for a URL with a password: every user on the
+machine can read a command line (``ps``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -22,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,11 +36,21 @@ from pathlib import Path
 from typing import Any
 
 APP_NAME = "greenpool-demo"
-REPO = Path(__file__).resolve().parent.parent
+#: The example app, shipped in the wheel from the checkout's examples/flask_app.
+APP_PACKAGE = "greenpool.examples.flask_app"
+_EXTRAS = ("flask", "gunicorn", "locust")
 
 
 class DemoError(Exception):
     """The demo could not run; the message says which step failed."""
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind like KeyboardInterrupt, cleaning up on the way."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def step(message: str) -> None:
@@ -46,33 +61,53 @@ def step(message: str) -> None:
 # --------------------------------------------------------------------------- pieces
 
 
-def _require_checkout() -> None:
-    missing = [
-        p for p in ("examples/flask_app", "deploy", "tests/support") if not (REPO / p).is_dir()
-    ]
+def _require_extras() -> None:
+    missing = [name for name in _EXTRAS if importlib.util.find_spec(name) is None]
     if missing:
-        raise DemoError(
-            f"the demo runs from a source checkout; {', '.join(missing)} not found under {REPO}"
-        )
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+        raise DemoError(f"the demo needs {', '.join(missing)}: pip install 'greenpool[demo]'")
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[None]:
+    """Turn the first SIGTERM or SIGHUP into :class:`Stopped` (later ones are ignored:
+    the shutdown is already under way), so every ``finally`` stops what it started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def handler(signum: int, _frame: Any) -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextlib.contextmanager
 def embedded_postgres() -> Iterator[str]:
-    """A throwaway cluster on 127.0.0.1 (tests/support/pgcluster.py); yields its DSN."""
-    # Imported by name: the harness lives in the checkout, not in the installed package.
-    PgCluster = importlib.import_module("tests.support.pgcluster").PgCluster
+    """A throwaway server on 127.0.0.1 (:mod:`greenpool.embedded`); yields its superuser
+    DSN, whose password stays in a 0600 passfile."""
+    from greenpool.embedded import EmbeddedPostgres, PgBinariesNotFoundError
 
     started = time.monotonic()
-    cluster = PgCluster(max_connections=100)
+    try:
+        cluster = EmbeddedPostgres(max_connections=100)
+    except PgBinariesNotFoundError as ex:
+        raise DemoError(f"{ex} (`pip install 'greenpool[demo]'` brings pgserver)") from None
     try:
         cluster.start()
         step(
             f"embedded PostgreSQL ready on {cluster.host}:{cluster.port} "
             f"in {time.monotonic() - started:.1f} s (binaries: {cluster.bindir})"
         )
-        yield cluster.admin_dsn
+        yield cluster.dsn()
     finally:
         cluster.destroy()
         step("embedded PostgreSQL stopped and removed")
@@ -224,26 +259,31 @@ def _gunicorn(
         FLASK_GREENPOOL_MAX_SIZE=str(args.max_size),
         FLASK_GREENPOOL_DRIVER=args.driver,
         GUNICORN_NO_CONTROL_SOCKET="1",  # several gunicorns may run at once (tests)
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
     )
     argv = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--config",
-        str(REPO / "deploy" / "gunicorn.conf.py"),
-        "--workers",
-        str(args.workers),
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--chdir",
-        str(REPO),
-        "examples.flask_app.wsgi:app",
-    ]
-    with log.open("wb") as out:
+        sys.executable, "-m", "gunicorn", "--config", "python:greenpool.gunicorn",
+        "--workers", str(args.workers), "--bind", f"127.0.0.1:{port}",
+        f"{APP_PACKAGE}.wsgi:app",
+    ]  # fmt: skip
+    with _create_private(log) as out:
         return subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent,
+            start_new_session=True, umask=0o077,
+        )  # fmt: skip
+
+
+def _locustfile() -> Path:
+    spec = importlib.util.find_spec(APP_PACKAGE)  # imports greenpool.examples only
+    if spec is None or spec.origin is None:
+        raise DemoError(f"{APP_PACKAGE} is not installed")
+    return Path(spec.origin).parent / "locustfile.py"
+
+
+def _create_private(path: Path) -> Any:
+    """Open ``path`` for writing, created (or truncated) with mode 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
 
 
 def _locust(args: argparse.Namespace, base_url: str, outdir: Path) -> subprocess.Popen[bytes]:
@@ -256,7 +296,7 @@ def _locust(args: argparse.Namespace, base_url: str, outdir: Path) -> subprocess
         "-m",
         "locust",
         "-f",
-        str(REPO / "examples" / "flask_app" / "locustfile.py"),
+        str(_locustfile()),
         "--headless",
         "--users",
         str(args.users),
@@ -276,10 +316,11 @@ def _locust(args: argparse.Namespace, base_url: str, outdir: Path) -> subprocess
         "--loglevel",
         "WARNING",
     ]
-    with (outdir / "locust.log").open("wb") as out:
+    with _create_private(outdir / "locust.log") as out:
         return subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=outdir,
+            start_new_session=True, umask=0o077,
+        )  # fmt: skip
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> float:
@@ -292,10 +333,19 @@ def _stop(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> float:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             step(f"process {proc.pid} did not stop within {timeout:g} s: killing it")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+            _kill_group(proc)
+        except BaseException:  # interrupted while waiting: leave nothing running
+            _kill_group(proc)
+            raise
     return time.monotonic() - start
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc``'s whole session (it was started as a session leader)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -305,12 +355,28 @@ def _tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+def _redacted(conninfo: str, error: BaseException) -> str:
+    """The error's text, without any password the conninfo holds."""
+    from greenpool.conninfo import Redactor, secrets_of, split_conninfo
+
+    text = str(error).strip().replace("\n", " ")
+    try:
+        return Redactor(secrets_of(split_conninfo(conninfo).params, {}))(text)
+    except ValueError:
+        return f"{type(error).__name__} (the conninfo could not be parsed)"
+
+
 def run_demo(args: argparse.Namespace, conninfo: str, outdir: Path) -> int:
     """Schema, gunicorn, locust, summary, shutdown; returns the exit code."""
-    setup_conninfo = importlib.import_module("examples.flask_app.schema").setup_conninfo
+    import psycopg
+
+    setup_conninfo = importlib.import_module(f"{APP_PACKAGE}.schema").setup_conninfo
 
     step("creating the example schema (idempotent)")
-    accounts = setup_conninfo(conninfo)
+    try:
+        accounts = setup_conninfo(conninfo)
+    except (psycopg.Error, ValueError) as ex:
+        raise DemoError(f"cannot create the example schema: {_redacted(conninfo, ex)}") from None
     step(f"schema ready: {accounts} accounts")
 
     port = free_port()
@@ -370,8 +436,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``greenpool demo`` / ``scripts/demo``."""
     parser.add_argument(
         "--conninfo",
-        default=os.environ.get("DATABASE_URL") or None,
-        help="use this database (default: $DATABASE_URL, else an embedded PostgreSQL)",
+        default=None,
+        help="use this database instead of $DATABASE_URL (default: $DATABASE_URL, else an "
+        "embedded PostgreSQL); prefer DATABASE_URL for a password: ps shows command lines",
     )
     parser.add_argument("--quick", action="store_true", help="a short run (8 s of load)")
     parser.add_argument("--users", type=int, default=100, help="concurrent locust users")
@@ -383,19 +450,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-fail-ratio", type=float, default=0.0)
     parser.add_argument("--max-p95-ms", type=float, default=2000.0)
     parser.add_argument("--progress", type=float, default=2.0, help="seconds between updates")
-    parser.add_argument("--output", type=Path, default=None, help="directory for reports")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="directory for reports (created 0700)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point shared by ``greenpool demo`` and ``python -m greenpool.demo``."""
+    from greenpool.cli import warn_if_password
+
     if args.duration is None:
         args.duration = 8.0 if args.quick else 20.0
-    outdir = args.output or Path(tempfile.mkdtemp(prefix="greenpool-demo-"))
-    outdir.mkdir(parents=True, exist_ok=True)
+    warn_if_password("greenpool demo", args.conninfo)
+    # Reports, logs and CSVs may show data and settings: only this user may read them
+    # (gunicorn and locust inherit the mask).
+    old_umask = os.umask(0o077)
     try:
-        _require_checkout()
+        with _stop_signals_raise():
+            return _run(args)
+    finally:
+        os.umask(old_umask)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        _require_extras()
+        outdir = args.output or Path(tempfile.mkdtemp(prefix="greenpool-demo-"))
+        outdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
-            conninfo = args.conninfo
+            conninfo = args.conninfo or os.environ.get("DATABASE_URL") or None
             if conninfo:
                 step("using the database given by --conninfo / DATABASE_URL")
             else:
@@ -408,6 +491,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("[demo] interrupted; everything was shut down", file=sys.stderr)
         return 130
+    except Stopped as ex:
+        name = signal.Signals(ex.signum).name
+        print(f"[demo] stopped by {name}; everything was shut down", file=sys.stderr)
+        return 128 + ex.signum
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,3 +91,77 @@ def make_pool(dsn: str, request: pytest.FixtureRequest) -> Iterator[Callable[...
     yield factory
     for pool in pools:
         pool.close(timeout=1)
+
+
+# --------------------------------------------------------------------------- scale-out
+
+
+@pytest.fixture(scope="module")
+def pg_primary() -> Iterator[PgCluster]:
+    """A cluster of its own (not the session's) that standbys can stream from."""
+    from tests.support.pgcluster import PgBinariesNotFoundError
+    from tests.support.standby import PRIMARY_SETTINGS
+
+    try:
+        cluster = PgCluster(max_connections=50, extra_settings=PRIMARY_SETTINGS)
+    except PgBinariesNotFoundError as ex:
+        pytest.skip(f"no PostgreSQL server binaries: {ex}")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def make_standby(pg_primary: PgCluster) -> Iterator[Callable[..., Any]]:
+    """Factory for hot standbys of ``pg_primary``; at teardown they are destroyed and the
+    primary is made writable again (tests use tables of their own names)."""
+    from tests.support.standby import PgStandby, set_read_only
+
+    standbys: list[PgStandby] = []
+
+    def factory(name: str = "standby") -> PgStandby:
+        standby = PgStandby(pg_primary, name=f"{name}{len(standbys)}")
+        standbys.append(standby)
+        standby.start()
+        return standby
+
+    try:
+        yield factory
+    finally:
+        for standby in standbys:
+            standby.destroy()
+        if pg_primary.is_running():
+            set_read_only(pg_primary, False)
+
+
+@pytest.fixture
+def standby_pair(pg_primary: PgCluster, make_standby: Callable[..., Any]) -> tuple[PgCluster, Any]:
+    """(primary, hot standby streaming from it); a fresh standby per test."""
+    return pg_primary, make_standby()
+
+
+@pytest.fixture
+def make_pgbouncer(pg_cluster: PgCluster | None) -> Iterator[Callable[..., Any]]:
+    """Factory for PgBouncers (in front of the session cluster unless ``cluster=`` is
+    given); skips when pgbouncer is not installed; every one destroyed at teardown."""
+    from tests.support.pgbouncer import PgBouncer, require_pgbouncer
+
+    require_pgbouncer()
+    bouncers: list[PgBouncer] = []
+
+    def factory(cluster: PgCluster | None = None, **settings: Any) -> PgBouncer:
+        target = cluster or pg_cluster
+        if target is None:
+            pytest.skip("PgBouncer needs a private cluster (GREENPOOL_TEST_DSN is set)")
+        bouncer = PgBouncer(target, **settings)
+        bouncers.append(bouncer)
+        bouncer.start()
+        return bouncer
+
+    try:
+        yield factory
+    finally:
+        for bouncer in bouncers:
+            bouncer.destroy()

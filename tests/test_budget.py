@@ -105,3 +105,37 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
         main(["budget", "--workers", "0", "--max-size", "1", "--max-connections", "10"])
     assert info.value.code == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0", "soon"])
+def test_cli_timeout_must_be_a_finite_positive_number(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A usage error (2), not "does not fit" (1), and never a traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(["budget", "--workers", "1", "--max-size", "1", f"--timeout={value}"])
+    assert info.value.code == 2
+    assert "argument --timeout" in capsys.readouterr().err
+
+
+def test_cli_warns_about_a_password_on_the_command_line(
+    dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "Sup3r-S3cret-budget"
+    url = f"postgresql://someone:{secret}@127.0.0.1:1/db"
+    code = main(["budget", "--conninfo", url, "--workers", "1", "--max-size", "1"])
+    captured = capsys.readouterr()
+    assert code == 2  # nothing listens on port 1
+    assert "--conninfo holds a password" in captured.err and "DATABASE_URL" in captured.err
+    assert secret not in captured.out + captured.err
+    # the same server in DATABASE_URL, or --conninfo without a password: no warning
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert main(["budget", "--workers", "1", "--max-size", "1"]) == 2
+    assert main(["budget", "--conninfo", dsn, "--workers", "1", "--max-size", "1"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_cli_help_prefers_database_url(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["budget", "--help"])
+    assert "prefer DATABASE_URL" in " ".join(capsys.readouterr().out.split())

@@ -1,4 +1,5 @@
-"""End to end: the example app under ``gunicorn -k gevent`` with deploy/gunicorn.conf.py.
+"""End to end: the example app under ``gunicorn -k gevent`` with deploy/gunicorn.conf.py
+(which is ``from greenpool.gunicorn import *``).
 
 The load test drives 120 concurrent keep-alive clients (greenlets over patched
 http.client) for a bounded time while sampling pg_stat_activity, then stops gunicorn
@@ -84,7 +85,7 @@ class Gunicorn:
 def gunicorn(dsn: str, schema: None, tmp_path: Path) -> Iterator[Any]:
     started: list[Gunicorn] = []
 
-    def start(**env: str) -> Gunicorn:
+    def start(config: str = str(CONF), workers: int = WORKERS, **env: str) -> Gunicorn:
         port = free_port()
         name = f"e2e-{uuid.uuid4().hex[:8]}"
         log = tmp_path / f"gunicorn-{len(started)}.log"
@@ -98,8 +99,8 @@ def gunicorn(dsn: str, schema: None, tmp_path: Path) -> Iterator[Any]:
             **env,
         }
         argv = [
-            sys.executable, "-m", "gunicorn", "--config", str(CONF),
-            "--workers", str(WORKERS), "--bind", f"127.0.0.1:{port}",
+            sys.executable, "-m", "gunicorn", "--config", config,
+            "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
             "examples.flask_app.wsgi:app",
         ]  # fmt: skip
         with log.open("wb") as out:
@@ -267,6 +268,70 @@ class FakeLog:
 @pytest.fixture(scope="module")
 def hooks() -> dict[str, Any]:
     return runpy.run_path(str(CONF))
+
+
+def test_deploy_config_is_greenpool_gunicorn(hooks: dict[str, Any]) -> None:
+    import greenpool.gunicorn as module
+
+    for name in module.__all__:
+        assert hooks[name] == getattr(module, name), name
+
+
+# Run in a fresh interpreter: what loading the config in gunicorn's master imports.
+_IMPORTS = r"""
+import sys
+import greenpool.gunicorn
+from gevent import monkey
+print(sorted({m.split(".")[0] for m in sys.modules} & {"psycopg", "psycopg2", "flask",
+      "examples", "prometheus_client"}), monkey.is_module_patched("socket"))
+"""
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["plain", "preload"])
+def test_loading_the_config_imports_no_driver_and_patches_only_to_preload(
+    preload: bool, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GUNICORN_")}
+    if preload:
+        env["GUNICORN_PRELOAD"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORTS], capture_output=True, text=True, timeout=60,
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", str(preload)], result.stdout + result.stderr
+
+
+def test_boots_and_cooperates_when_psycopg_was_imported_before_patching(
+    gunicorn: Any, tmp_path: Path
+) -> None:
+    """psycopg imported in the master (here by the config, as an app's settings module
+    might) picks its blocking C wait before the worker patches. greenpool's gevent wait,
+    installed by post_worker_init's driver preparation, cures that: the worker boots and
+    four slow requests on one worker overlap instead of running one after another."""
+    conf = tmp_path / "early_psycopg.conf.py"
+    conf.write_text(
+        "import psycopg  # noqa: F401  imported in the master, unpatched\n"
+        "from greenpool.gunicorn import *  # noqa: F403\n"
+    )
+    server: Gunicorn = gunicorn(config=str(conf), workers=1)
+    seconds = 0.8
+
+    def slow_round() -> float:
+        t0 = time.monotonic()
+        jobs = [
+            gevent.spawn(server.request, "GET", f"/slow?seconds={seconds}") for _ in range(MAX_SIZE)
+        ]
+        gevent.joinall(jobs, timeout=30, raise_error=True)
+        assert [job.value[0] for job in jobs] == [200] * MAX_SIZE
+        return time.monotonic() - t0
+
+    slow_round()  # opens the pool's connections
+    elapsed = slow_round()
+    assert elapsed < MAX_SIZE * seconds * 0.75, f"requests ran one after another: {elapsed:.2f}s"
+    assert server.stop() == 0
+    log = server.log_text()
+    assert "CooperationError" not in log and "Traceback" not in log, log
 
 
 def fake_worker(app: Any) -> Any:

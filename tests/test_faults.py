@@ -676,20 +676,25 @@ def test_kills_and_timeouts_at_random_points(cluster: PgCluster, make_pool: Fact
         reset="light",  # a round trip on release: kill points while releasing
     )
     pool.wait(10)
+    # At least `duration` seconds, then on until 1000 kills and 1000 timeouts happened
+    # (a loaded machine gets through fewer per second), but never past `longest`.
+    longest = 4 * duration
     lg = LoadGen(
         pool,
         workers=WORKERS,
         timeout=0.5,
-        duration=duration + 30,
+        duration=longest + 30,
         query=chaos_query(rng),
         cut=lambda r: r.uniform(0.0, 0.03) if r.random() < 0.3 else None,
         seed=SEED,
     ).start()
     kills = swallowed = 0
-    t_end = time.monotonic() + duration
+    t_start = time.monotonic()
+    t_end, t_limit = t_start + duration, t_start + longest
     try:
-        for _ in range(100_000):
-            if time.monotonic() >= t_end:
+        for _ in range(400_000):
+            now = time.monotonic()
+            if now >= t_limit or (now >= t_end and kills >= 1000 and lg.outcomes()[CUT] >= 1000):
                 break
             gevent.sleep(rng.uniform(0, 0.004))
             i = rng.randrange(WORKERS)
@@ -703,6 +708,7 @@ def test_kills_and_timeouts_at_random_points(cluster: PgCluster, make_pool: Fact
                 continue
             lg.spawn_worker(i)
     finally:
+        seconds = time.monotonic() - t_start
         lg.stop()
     assert_no_hang(lg)
     outcomes = lg.outcomes()
@@ -714,7 +720,7 @@ def test_kills_and_timeouts_at_random_points(cluster: PgCluster, make_pool: Fact
         "5. kills and timeouts at random points",
         {
             "workers": WORKERS,
-            "seconds": duration,
+            "seconds": round(seconds, 1),
             "kills": kills,
             "kills_swallowed": swallowed,
             "timeouts_fired": cuts,

@@ -486,7 +486,8 @@ def test_sslmode_reaches_the_connection(
     for conninfo in (
         cluster.dsn(sslmode=sslmode, tcp_user_timeout=5000, keepalives_idle=30),
         f"postgresql://postgres@{cluster.host}:{cluster.port}/postgres"
-        f"?sslmode={sslmode}&tcp_user_timeout=5000&keepalives_idle=30",
+        f"?sslmode={sslmode}&tcp_user_timeout=5000&keepalives_idle=30"
+        f"&passfile={quote(str(cluster.passfile), safe='')}",
     ):
         pool = make_pool(conninfo, min_size=1)
         with pool.connection() as conn:

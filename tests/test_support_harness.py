@@ -23,6 +23,7 @@ import psycopg
 import pytest
 from gevent.server import StreamServer
 
+from greenpool import embedded
 from tests.support import pgcluster
 from tests.support.faultproxy import FaultProxy
 from tests.support.pgcluster import (
@@ -191,14 +192,14 @@ def test_context_manager_destroys() -> None:
 
 
 def test_missing_binaries_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv(pgcluster.BINDIR_ENV, raising=False)
+    monkeypatch.delenv(embedded.BINDIR_ENV, raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr(pgcluster, "_DEBIAN_BINDIR_GLOB", str(tmp_path / "none" / "*" / "bin"))
-    monkeypatch.setattr(pgcluster, "_PGSERVER_PACKAGE", "no_such_pgserver_pkg")
+    monkeypatch.setattr(embedded, "_DEBIAN_BINDIR_GLOB", str(tmp_path / "none" / "*" / "bin"))
+    monkeypatch.setattr(embedded, "_PGSERVER_PACKAGE", "no_such_pgserver_pkg")
     with pytest.raises(PgBinariesNotFoundError, match="pip install pgserver"):
-        pgcluster.find_pg_bindir()
+        embedded.find_pg_bindir()
     with pytest.raises(PgBinariesNotFoundError):
-        pgcluster.find_pg_bindir(tmp_path)
+        embedded.find_pg_bindir(tmp_path)
 
 
 def test_pgserver_layout_discovery(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -213,14 +214,14 @@ def test_pgserver_layout_discovery(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    monkeypatch.delenv(pgcluster.BINDIR_ENV, raising=False)
+    monkeypatch.delenv(embedded.BINDIR_ENV, raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr(pgcluster, "_DEBIAN_BINDIR_GLOB", str(tmp_path / "none" / "*" / "bin"))
-    monkeypatch.setattr(pgcluster, "_PGSERVER_PACKAGE", "fake_pgserver_pkg")
-    assert pgcluster.find_pg_bindir() == bindir
+    monkeypatch.setattr(embedded, "_DEBIAN_BINDIR_GLOB", str(tmp_path / "none" / "*" / "bin"))
+    monkeypatch.setattr(embedded, "_PGSERVER_PACKAGE", "fake_pgserver_pkg")
+    assert embedded.find_pg_bindir() == bindir
     assert "fake_pgserver_pkg" not in sys.modules
-    monkeypatch.setenv(pgcluster.BINDIR_ENV, str(bindir))
-    assert pgcluster.find_pg_bindir() == bindir
+    monkeypatch.setenv(embedded.BINDIR_ENV, str(bindir))
+    assert embedded.find_pg_bindir() == bindir
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Example app: accounts and transfers on PostgreSQL through greenpool's Flask extension.
 
-``create_app()`` is the factory; ``examples.flask_app.wsgi:app`` is what gunicorn serves.
+``create_app()`` is the factory; ``wsgi:app`` is what gunicorn serves
+(``greenpool.examples.flask_app.wsgi:app`` when installed from the wheel).
 Configuration: ``DATABASE_URL`` plus any ``FLASK_GREENPOOL_*`` environment variable
 (``FLASK_GREENPOOL_MAX_SIZE=4`` sets ``GREENPOOL_MAX_SIZE``), or a mapping passed to
 ``create_app``. ``REPORTING_DATABASE_URL`` points the ``reporting`` bind at a replica;
@@ -64,7 +65,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         }
     db.init_app(app)
 
-    from examples.flask_app.views import bp
+    from .views import bp
 
     app.register_blueprint(bp)
     app.register_blueprint(stats_blueprint(authorize=stats_allowed), url_prefix="/_greenpool")
@@ -74,7 +75,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @click.option("--reset", is_flag=True, help="Drop the example schema first.")
     def init_db(accounts: int, reset: bool) -> None:
         """Create the example schema (idempotent)."""
-        from examples.flask_app.schema import SCHEMA, setup
+        from .schema import SCHEMA, setup
 
         with db.connection() as conn:  # CLI commands borrow explicitly
             count = setup(conn, accounts=accounts, reset=reset)

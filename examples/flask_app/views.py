@@ -14,8 +14,8 @@ from typing import Any
 from flask import Blueprint, abort, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
 
-from examples.flask_app import db
-from examples.flask_app.schema import SCHEMA
+from . import db
+from .schema import SCHEMA
 
 bp = Blueprint("bank", __name__)
 

@@ -1,4 +1,8 @@
-"""WSGI entry point: ``gunicorn -c deploy/gunicorn.conf.py examples.flask_app.wsgi:app``.
+"""WSGI entry point of the example app::
+
+    gunicorn -c python:greenpool.gunicorn greenpool.examples.flask_app.wsgi:app
+
+(``examples.flask_app.wsgi:app`` from a checkout).
 
 Importing this module opens no connection (pools start in each worker on first use), so
 it is safe with ``--preload``.
@@ -6,6 +10,6 @@ it is safe with ``--preload``.
 
 from __future__ import annotations
 
-from examples.flask_app import create_app
+from . import create_app
 
 app = create_app()

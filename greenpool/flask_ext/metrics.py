@@ -33,8 +33,8 @@ def _prometheus() -> Any:
         import prometheus_client.core
         import prometheus_client.exposition
     except ImportError:
-        raise RuntimeError(
-            f"greenpool's /metrics endpoint needs prometheus_client: {PROMETHEUS_EXTRA}"
+        raise ImportError(
+            f"greenpool's Prometheus metrics need prometheus_client: {PROMETHEUS_EXTRA}"
         ) from None
     return prometheus_client
 
@@ -122,7 +122,10 @@ def stats_blueprint(
         return jsonify(state_of(None).snapshot(errors=include_errors))
 
     def metrics() -> Response:
-        prometheus = _prometheus()
+        try:
+            prometheus = _prometheus()
+        except ImportError as ex:
+            return Response(f"{ex}\n", status=501, mimetype="text/plain")
         registry = prometheus.CollectorRegistry(auto_describe=False)
         registry.register(GreenPoolCollector(current_app._get_current_object()))  # type: ignore[attr-defined]
         return Response(
