@@ -26,7 +26,7 @@ def warn_if_password(prog: str, conninfo: str | None) -> bool:
         params = split_conninfo(conninfo).params
     except ValueError:
         return False  # reported, without the secret, where the conninfo is used
-    if not secrets_of(params, {}):
+    if not secrets_of(conninfo, params, {}):
         return False
     print(
         f"{prog}: warning: --conninfo holds a password, which every user of this machine "

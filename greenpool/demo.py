@@ -361,7 +361,7 @@ def _redacted(conninfo: str, error: BaseException) -> str:
 
     text = str(error).strip().replace("\n", " ")
     try:
-        return Redactor(secrets_of(split_conninfo(conninfo).params, {}))(text)
+        return Redactor(secrets_of(conninfo, split_conninfo(conninfo).params, {}))(text)
     except ValueError:
         return f"{type(error).__name__} (the conninfo could not be parsed)"
 
