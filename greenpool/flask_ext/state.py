@@ -104,7 +104,8 @@ class AppState:
             if cooperation_required(self.options.require_cooperation):
                 raise CooperationError(
                     f"{ex}. greenpool refuses to serve requests with a driver that blocks the "
-                    "whole worker; fix the import order (see deploy/gunicorn.conf.py) or set "
+                    "whole worker; serve with `gunicorn -c python:greenpool.gunicorn` (it "
+                    "patches and sets the drivers up in order) or set "
                     "GREENPOOL_REQUIRE_COOPERATION = False to run anyway"
                 ) from None
             label = "default" if key is None else key
