@@ -6,6 +6,12 @@ Each gunicorn worker has its own pool, so at peak the server sees
 minus ``superuser_reserved_connections`` minus (PostgreSQL 16+) ``reserved_connections``.
 
 The server is read from DATABASE_URL (or --conninfo, but a password there shows in ps).
+
+Behind PgBouncer (``--pgbouncer`` names its admin console, or ``--max-client-conn`` and
+``--default-pool-size`` give its settings) two budgets apply: the app's connections must
+fit PgBouncer's ``max_client_conn`` (times ``--pgbouncer-instances``), and PgBouncer's
+server connections (``default_pool_size + reserve_pool_size`` per instance, for the one
+database/user pair) must fit the server.
 """
 
 from __future__ import annotations
@@ -51,14 +57,35 @@ class ServerLimits:
 
 
 @dataclass
+class PgBouncerLimits:
+    """The settings of the PgBouncer(s) between the app and the server."""
+
+    max_client_conn: int
+    default_pool_size: int
+    reserve_pool_size: int = 0
+    pool_mode: str | None = None
+    instances: int = 1  # PgBouncer processes in front of the server
+
+    @property
+    def server_connections(self) -> int:
+        """Server connections the PgBouncers can open for one database/user pair."""
+        return (self.default_pool_size + self.reserve_pool_size) * self.instances
+
+    @property
+    def client_capacity(self) -> int:
+        return self.max_client_conn * self.instances
+
+
+@dataclass
 class Budget:
-    """The app's peak demand against a server's limits."""
+    """The app's peak demand against a server's limits (and PgBouncer's, if any)."""
 
     instances: int
     workers: int
     max_size: int
     reserved: int
     limits: ServerLimits
+    pgbouncer: PgBouncerLimits | None = None
 
     @property
     def app_connections(self) -> int:
@@ -67,8 +94,14 @@ class Budget:
 
     @property
     def needed(self) -> int:
-        """App connections plus those kept for other clients."""
-        return self.app_connections + self.reserved
+        """Server connections needed at peak, those kept for other clients included: the
+        app's own, or PgBouncer's server pool when PgBouncer is in front."""
+        direct = (
+            self.pgbouncer.server_connections
+            if self.pgbouncer is not None
+            else self.app_connections
+        )
+        return direct + self.reserved
 
     @property
     def spare(self) -> int:
@@ -76,13 +109,24 @@ class Budget:
         return self.limits.available - self.needed
 
     @property
+    def client_spare(self) -> int | None:
+        """PgBouncer client slots left over at peak (None without PgBouncer)."""
+        if self.pgbouncer is None:
+            return None
+        return self.pgbouncer.client_capacity - self.app_connections
+
+    @property
     def fits(self) -> bool:
-        """Whether the peak demand fits."""
+        """Whether the peak demand fits (the server, and PgBouncer's clients)."""
+        if self.client_spare is not None and self.client_spare < 0:
+            return False
         return self.spare >= 0
 
     def max_size_that_fits(self) -> int:
         """The largest per-worker max_size that would fit (0 if none)."""
         per_size = self.instances * self.workers
+        if self.pgbouncer is not None:
+            return max(0, self.pgbouncer.client_capacity // per_size)
         return max(0, (self.limits.available - self.reserved) // per_size)
 
     def explain(self) -> str:
@@ -98,12 +142,34 @@ class Budget:
             f"- {'reserved_connections':<{width}}{lim.reserved_connections:>6}",
             f"= {'available to ordinary roles':<{width}}{lim.available:>6}",
             "",
-            f"  {self._product():<{width}}{self.app_connections:>6}",
+        ]
+        bouncer = self.pgbouncer
+        if bouncer is not None:
+            server_pool = (
+                f"PgBouncer: ({bouncer.default_pool_size} + {bouncer.reserve_pool_size}) "
+                f"x {bouncer.instances}"
+            )
+            lines += [
+                f"  {self._product():<{width}}{self.app_connections:>6}",
+                f"  {'PgBouncer max_client_conn x instances':<{width}}{bouncer.client_capacity:>6}",
+                f"  {'clients: ' + ('fit' if (self.client_spare or 0) >= 0 else 'do NOT fit')}",
+                "",
+                f"  {server_pool:<{width}}{bouncer.server_connections:>6}",
+            ]
+        else:
+            lines.append(f"  {self._product():<{width}}{self.app_connections:>6}")
+        lines += [
             f"+ {'reserved for other clients (--reserved)':<{width}}{self.reserved:>6}",
             f"= {'needed at peak':<{width}}{self.needed:>6}",
             "",
         ]
-        if self.fits:
+        if bouncer is not None and (self.client_spare or 0) < 0:
+            lines.append(
+                f"no: {self.app_connections} app connections > PgBouncer's "
+                f"{bouncer.client_capacity} client slots; raise max_client_conn or use "
+                f"max_size {self.max_size_that_fits()}"
+            )
+        elif self.fits:
             lines.append(
                 f"yes: {self.needed} <= {lim.available}, {self.spare} connection(s) to spare"
             )
@@ -133,7 +199,51 @@ class Budget:
             "max_size": self.max_size,
             "reserved": self.reserved,
             "limits": {**asdict(self.limits), "available": self.limits.available},
+            "pgbouncer": (
+                {
+                    **asdict(self.pgbouncer),
+                    "server_connections": self.pgbouncer.server_connections,
+                    "client_spare": self.client_spare,
+                }
+                if self.pgbouncer is not None
+                else None
+            ),
         }
+
+
+def fetch_pgbouncer_limits(admin_conninfo: str, instances: int, timeout: float) -> PgBouncerLimits:
+    """Read max_client_conn, default_pool_size, reserve_pool_size and pool_mode from a
+    PgBouncer admin console (``dbname=pgbouncer``). Raises BudgetError without secrets."""
+    try:
+        parsed = _ci.split_conninfo(admin_conninfo)
+    except ValueError as ex:
+        raise BudgetError(str(ex)) from None
+    redact = _ci.Redactor(_ci.secrets_of(admin_conninfo, parsed.params, {}))
+    import psycopg
+
+    try:
+        with psycopg.connect(
+            parsed.conninfo, autocommit=True, connect_timeout=max(1, round(timeout))
+        ) as conn:
+            rows = conn.execute("SHOW CONFIG").fetchall()
+    except psycopg.Error as ex:
+        raise BudgetError(
+            f"cannot read PgBouncer's settings ({_ci.describe(parsed.params, {})}): "
+            f"{redact(str(ex).strip())}"
+        ) from None
+    config = {str(r[0]): str(r[1]) for r in rows}
+    try:
+        return PgBouncerLimits(
+            max_client_conn=int(config["max_client_conn"]),
+            default_pool_size=int(config["default_pool_size"]),
+            reserve_pool_size=int(config.get("reserve_pool_size", "0") or 0),
+            pool_mode=config.get("pool_mode"),
+            instances=instances,
+        )
+    except (KeyError, ValueError):
+        raise BudgetError(
+            "PgBouncer's SHOW CONFIG lacks max_client_conn/default_pool_size"
+        ) from None
 
 
 def fetch_limits(conninfo: str, timeout: float = 10.0) -> ServerLimits:
@@ -216,6 +326,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not connect: use this max_connections (with --superuser-reserved)",
     )
     parser.add_argument("--superuser-reserved", type=_non_negative, default=3)
+    parser.add_argument(
+        "--pgbouncer",
+        metavar="ADMIN_CONNINFO",
+        help="PgBouncer's admin console (dbname=pgbouncer): also check its limits",
+    )
+    parser.add_argument("--max-client-conn", type=_positive, help="PgBouncer's max_client_conn")
+    parser.add_argument(
+        "--default-pool-size", type=_positive, help="PgBouncer's default_pool_size"
+    )
+    parser.add_argument("--reserve-pool-size", type=_non_negative, default=0)
+    parser.add_argument(
+        "--pgbouncer-instances", type=_positive, default=1, help="PgBouncers in front"
+    )
     parser.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to connect")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -234,7 +357,26 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
         except BudgetError as ex:
             print(f"greenpool budget: {ex}")
             return 2
-    budget = Budget(args.instances, args.workers, args.max_size, args.reserved, limits)
+    bouncer: PgBouncerLimits | None = None
+    if args.pgbouncer is not None:
+        try:
+            bouncer = fetch_pgbouncer_limits(
+                args.pgbouncer, args.pgbouncer_instances, args.timeout
+            )
+        except BudgetError as ex:
+            print(f"greenpool budget: {ex}")
+            return 2
+    elif args.max_client_conn is not None or args.default_pool_size is not None:
+        if args.max_client_conn is None or args.default_pool_size is None:
+            print("greenpool budget: --max-client-conn and --default-pool-size go together")
+            return 2
+        bouncer = PgBouncerLimits(
+            args.max_client_conn,
+            args.default_pool_size,
+            args.reserve_pool_size,
+            instances=args.pgbouncer_instances,
+        )
+    budget = Budget(args.instances, args.workers, args.max_size, args.reserved, limits, bouncer)
     if args.json:
         print(json.dumps(budget.as_dict(), indent=2))
     else:

@@ -4,8 +4,11 @@
 with its own ``max_size``) and a monitor greenlet that, every ``replica_check_period``,
 measures each replica's replay lag against the primary over two dedicated connections
 (one to the primary, one to the replica, never taken from the pools): a replica whose
-last replayed WAL position has reached the primary's current one lags 0 s, otherwise it
-lags by the age of its last replayed commit (``pg_last_xact_replay_timestamp()``).
+last replayed WAL position has reached the primary's current one lags 0 s; otherwise it
+lags by how long ago the monitor first saw the primary at a WAL position the replica has
+still not replayed (to within ``replica_check_period``). Only when the primary cannot be
+measured does it fall back to the age of the replica's last replayed commit
+(``pg_last_xact_replay_timestamp()``, which overstates the lag after a quiet spell).
 
 ``getconn(read_only=True)`` / ``connection(read_only=True)`` borrow from the healthy
 replica with the fewest connections in use whose lag is within ``max_replica_lag``; with
@@ -20,14 +23,16 @@ borrow and give-back do not pass through here.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import gevent
 
 from greenpool.errors import PoolTimeout
+from greenpool.pool import OPEN
 from greenpool.vetting import describe_error
 
 if TYPE_CHECKING:
@@ -65,7 +70,6 @@ class Replica:
     down_until: float = 0.0
     down_for: float = 0.0
     last_error: str | None = None
-    served: int = field(default=0)
 
 
 class Router:
@@ -89,8 +93,12 @@ class Router:
         self._owner: dict[int, GreenPool[Any]] = {}  # id(conn) -> replica pool that lent it
         self._primary_probe: Any = None
         self._primary_lsn: int | None = None
+        #: (primary WAL position, when the monitor saw it), oldest first, for lag times.
+        self._history: deque[tuple[int, float]] = deque(maxlen=10_000)
         self._monitor: gevent.Greenlet | None = None
         self.fallback_count = 0
+        #: Replicas that qualify now (healthy, within max_lag); kept by the monitor.
+        self._candidates: list[Replica] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -118,33 +126,56 @@ class Router:
 
     def getconn(self, timeout: float | None, after: str | None = None) -> Any:
         """A connection from the best replica, or per the fallback. Switches."""
+        if after is None:
+            # The common case, kept short: the monitor keeps the qualifying replicas.
+            candidates = self._candidates
+            if candidates:
+                replica: Replica = (
+                    candidates[0]
+                    if len(candidates) == 1
+                    else min(candidates, key=lambda r: r.pool.acquired_count())
+                )
+                pool = replica.pool
+                if pool._state == OPEN and pool._connector.failing_since is None:
+                    try:
+                        conn = pool.getconn(timeout)
+                    except PoolTimeout:
+                        pass  # that replica is saturated: the primary may still serve
+                    else:
+                        self._owner[id(conn)] = pool
+                        return conn
+            return self._fallback(timeout, None)
         limit = self._primary.settings.timeout if timeout is None else timeout
         deadline = monotonic() + limit
         wanted = parse_lsn(after)
         while True:
-            replica = self._choose(wanted)
-            if replica is not None:
+            chosen = self._choose(wanted)
+            if chosen is not None:
                 try:
-                    conn = replica.pool.getconn(max(0.0, deadline - monotonic()))
+                    conn = chosen.pool.getconn(max(0.0, deadline - monotonic()))
                 except PoolTimeout:
                     pass  # that replica is saturated: the primary may still serve
                 else:
-                    if wanted is None or self._caught_up(replica, conn, wanted):
-                        replica.served += 1
-                        self._owner[id(conn)] = replica.pool
+                    if wanted is None or self._caught_up(chosen, conn, wanted):
+                        self._owner[id(conn)] = chosen.pool
                         return conn
-                    replica.pool.putconn(conn)
-            if wanted is not None and monotonic() + 0.02 < deadline and self._may_catch_up():
+                    chosen.pool.putconn(conn)
+            if monotonic() + 0.02 < deadline and self._may_catch_up():
                 gevent.sleep(0.01)  # bounded wait for a replica to replay the commit
                 continue
             break
+        return self._fallback(timeout, deadline)
+
+    def _fallback(self, timeout: float | None, deadline: float | None) -> Any:
         if self.fallback == "fail":
             raise PoolTimeout(
                 f"pool {self._primary.name!r}: no healthy replica within max_replica_lag "
                 f"{self.max_lag:g} s (replica_fallback='fail')"
             )
         self.fallback_count += 1
-        return self._primary.getconn(max(0.0, deadline - monotonic()))
+        if deadline is not None:
+            timeout = max(0.0, deadline - monotonic())
+        return self._primary.getconn(timeout)
 
     def release(self, conn: Any, state: Any) -> bool:
         """Give a replica's connection back to its pool; False if no replica lent it.
@@ -213,14 +244,30 @@ class Router:
                     self._primary_probe = self._dedicated(self._primary)
                 rows = self._primary._driver.query(self._primary_probe, _PRIMARY_SQL)
             self._primary_lsn = parse_lsn(rows[0][0])
+            history = self._history
+            if self._primary_lsn is not None and (
+                not history or self._primary_lsn > history[-1][0]
+            ):
+                history.append((self._primary_lsn, monotonic()))
         except BaseException as ex:
             if not isinstance(ex, (Exception, gevent.Timeout)):
                 raise
             self._primary_lsn = None  # lag unknown: judge replicas by replay time alone
             self._drop_probe_primary()
+            self._history.clear()
         for replica in self.replicas:
             if replica.down_until <= monotonic():
                 self._measure_replica(replica, bound)
+        self._candidates = [
+            r
+            for r in self.replicas
+            if r.healthy and r.lag is not None and r.lag <= self.max_lag
+        ]
+        replayed = [r.replay_lsn for r in self.replicas if r.replay_lsn is not None]
+        if replayed and len(replayed) == len(self.replicas):
+            oldest = min(replayed)  # samples every replica has replayed are not needed
+            while len(self._history) > 1 and self._history[1][0] <= oldest:
+                self._history.popleft()
 
     def _measure_replica(self, replica: Replica, bound: float) -> None:
         try:
@@ -243,6 +290,8 @@ class Router:
             and replica.replay_lsn >= self._primary_lsn
         ):
             replica.lag = 0.0
+        elif self._primary_lsn is not None and replica.replay_lsn is not None:
+            replica.lag = self._behind_for(replica.replay_lsn)
         else:
             replica.lag = float(age) if age is not None else None
         if not replica.healthy:
@@ -251,12 +300,22 @@ class Router:
         replica.down_for = 0.0
         replica.last_error = None
 
+    def _behind_for(self, replayed: int) -> float:
+        """Seconds since the monitor first saw the primary past ``replayed``."""
+        now = monotonic()
+        for lsn, seen in self._history:
+            if lsn > replayed:
+                return now - seen
+        return 0.0
+
     def _mark_down(self, replica: Replica, ex: BaseException) -> None:
         if replica.probe is not None:
             replica.pool._driver.close(replica.probe)
             replica.probe = None
         replica.down_for = min(_DOWN_MAX, replica.down_for * 2 or _DOWN_MIN)
         replica.down_until = monotonic() + replica.down_for
+        if replica in self._candidates:
+            self._candidates = [r for r in self._candidates if r is not replica]
         replica.last_error = replica.pool.target.redact(describe_error(ex))
         if replica.healthy:
             logger.warning(
@@ -287,7 +346,7 @@ class Router:
                 "name": r.pool.name,
                 "healthy": r.healthy and r.down_until <= monotonic(),
                 "lag_seconds": r.lag,
-                "served": r.served,
+                "served": r.pool.acquire_count,
                 "last_error": r.last_error,
                 "acquired": r.pool.acquired_count(),
                 "max_size": r.pool.settings.max_size,

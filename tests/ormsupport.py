@@ -37,6 +37,9 @@ def sa_url(dsn: str, driver: str = "psycopg", **query: str) -> Any:
     from sqlalchemy import URL
 
     p = dsn_params(dsn)
+    extra = {
+        k: str(v) for k, v in p.items() if k not in ("user", "password", "host", "port", "dbname")
+    }
     return URL.create(
         f"postgresql+{driver}",
         username=p.get("user"),
@@ -44,7 +47,7 @@ def sa_url(dsn: str, driver: str = "psycopg", **query: str) -> Any:
         host=p.get("host"),
         port=int(p["port"]) if p.get("port") else None,
         database=p.get("dbname"),
-        query=query,
+        query={**extra, **query},  # e.g. the test cluster's passfile
     )
 
 

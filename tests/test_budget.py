@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -139,3 +140,28 @@ def test_cli_help_prefers_database_url(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit):
         main(["budget", "--help"])
     assert "prefer DATABASE_URL" in " ".join(capsys.readouterr().out.split())
+
+
+def test_pgbouncer_budget_against_a_real_pgbouncer(
+    make_pgbouncer: Any, dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Behind PgBouncer the app's connections must fit max_client_conn, and PgBouncer's
+    server pool the server."""
+    bouncer = make_pgbouncer(pool_mode="transaction", default_pool_size=4, max_client_conn=50)
+    admin = bouncer.dsn(dbname="pgbouncer")
+    code, out = _run(
+        capsys, "--conninfo", dsn, "--pgbouncer", admin, "--workers", "4", "--max-size", "10"
+    )
+    assert code == 0, out  # 40 clients <= 50; 4 server connections fit the server
+    assert "PgBouncer max_client_conn x instances" in out and "clients: fit" in out
+    code, out = _run(
+        capsys, "--conninfo", dsn, "--pgbouncer", admin,
+        "--workers", "4", "--max-size", "10", "--instances", "2",
+    )  # fmt: skip
+    assert code == 1, out  # 80 clients > 50
+    assert "max_size 6 would fit" not in out and "client slots" in out
+    code, out = _run(
+        capsys, "--workers", "2", "--max-size", "10", "--max-connections", "20",
+        "--max-client-conn", "100", "--default-pool-size", "30",
+    )  # fmt: skip
+    assert code == 1 and "needed at peak" in out, out  # 30 server connections > 17

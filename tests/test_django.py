@@ -38,6 +38,11 @@ def _database(dsn: str, app: str = APP, **extra: Any) -> dict[str, Any]:
         "HOST": p.get("host", ""),
         "PORT": p.get("port", ""),
         "OPTIONS": {
+            **{
+                k: v
+                for k, v in p.items()
+                if k not in ("user", "password", "host", "port", "dbname")
+            },
             "application_name": app,
             # 2 s: the first connection must fit in it on a busy machine too.
             "pool": {"min_size": 1, "max_size": MAX_SIZE, "timeout": 2, "name": app},
@@ -120,7 +125,10 @@ class WSGIClient:
 
     def post(self, path: str, body: Any = None, **headers: str) -> Any:
         return self._open(
-            "POST", path, data=json.dumps(body or {}), content_type="application/json",
+            "POST",
+            path,
+            data=json.dumps(body or {}),
+            content_type="application/json",
             headers=headers,
         )
 
@@ -129,9 +137,7 @@ def client() -> WSGIClient:
     return WSGIClient()
 
 
-def test_request_borrows_at_first_query_and_gives_back_at_end(
-    django_app: Any, dsn: str
-) -> None:
+def test_request_borrows_at_first_query_and_gives_back_at_end(django_app: Any, dsn: str) -> None:
     from examples.django_app.bank.models import Account
 
     acc = Account.objects.create(owner="first", balance=10)

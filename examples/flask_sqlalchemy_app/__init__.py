@@ -35,18 +35,20 @@ db = SQLAlchemy(model_class=Base)
 
 def database_url(text: str, application_name: str) -> URL:
     """A SQLAlchemy URL (psycopg 3 dialect) from a libpq URL or key=value string."""
-    if text.startswith(("postgresql://", "postgres://", "postgresql+")):
-        url = make_url(text).set(drivername="postgresql+psycopg")
-    else:
-        p = dict(part.split("=", 1) for part in text.split())
-        url = URL.create(
-            "postgresql+psycopg",
-            username=p.get("user"),
-            password=p.get("password"),
-            host=p.get("host"),
-            port=int(p["port"]) if p.get("port") else None,
-            database=p.get("dbname"),
-        )
+    if text.startswith("postgresql+"):
+        return make_url(text).update_query_dict({"application_name": application_name})
+    from psycopg.conninfo import conninfo_to_dict
+
+    p = {k: str(v) for k, v in conninfo_to_dict(text).items() if v is not None}  # libpq reads it
+    url = URL.create(
+        "postgresql+psycopg",
+        username=p.pop("user", None),
+        password=p.pop("password", None),
+        host=p.pop("host", None),
+        port=int(p.pop("port")) if p.get("port") else None,
+        database=p.pop("dbname", None),
+        query=p,  # every other libpq parameter (passfile, sslmode ...)
+    )
     return url.update_query_dict({"application_name": application_name})
 
 
