@@ -47,10 +47,9 @@ def init_app(db: GreenPool[Any], app: Flask) -> None:
     )
     own_pool = None if is_handle else db
     parsed = parse_config(app.config, app.name, own_pool.name if own_pool is not None else None)
-    app.extensions[EXTENSION_KEY] = AppState(app.name, parsed, own_pool)
-    app.before_request(req.mark_owner)
-    app.after_request(req.commit_on_success)
-    app.teardown_request(req.release_connections)
+    state = AppState(app.name, parsed, own_pool)
+    app.extensions[EXTENSION_KEY] = state
+    req.install(app, state)
     if parsed.options.handle_exhaustion:
         app.register_error_handler(PoolTimeout, req.exhausted)
         app.register_error_handler(TooManyRequests, req.exhausted)
