@@ -32,7 +32,7 @@ from greenpool.errors import ConnectError, CooperationError, PoolClosed, PoolErr
 from greenpool.hosts import WRITABLE, HostTable
 from greenpool.leaks import LeakDetector
 from greenpool.maintenance import Maintenance
-from greenpool.pool import CLOSED, FORKED, NEW, OPEN, Connection, ConnT, Pool
+from greenpool.pool import CLOSED, FORKED, NEW, OPEN, Connection, ConnT, Pool, ReadOnlyConnection
 from greenpool.routing import TOKEN_SQL, Router, replica_specs
 from greenpool.settings import PoolSettings, build_settings, seconds
 from greenpool.stats import snapshot
@@ -521,8 +521,10 @@ class GreenPool(Pool[ConnT]):
         ``read_only=True`` borrows from a replica (``after``: a :meth:`commit_token` the
         replica must have replayed); ``name``/``app`` pick a database of a Flask app
         (binds). Switches while waiting."""
+        if name is None and app is None and not read_only:
+            return Connection(self, timeout)
         if name is None and app is None:
-            return Connection(self, timeout, read_only, after)
+            return ReadOnlyConnection(self, timeout, after)
         from greenpool.flask_ext.extension import pool_of
 
         return pool_of(self, name, app).connection(timeout, read_only=read_only, after=after)

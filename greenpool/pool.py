@@ -94,26 +94,15 @@ class Connection(Generic[ConnT]):
     connection goes back to the pool.
     """
 
-    __slots__ = ("_after", "_conn", "_pool", "_read_only", "_timeout")
+    __slots__ = ("_conn", "_pool", "_timeout")
 
-    def __init__(
-        self,
-        pool: Pool[ConnT],
-        timeout: float | None,
-        read_only: bool = False,
-        after: str | None = None,
-    ) -> None:
+    def __init__(self, pool: Pool[ConnT], timeout: float | None) -> None:
         self._pool = pool
         self._timeout = timeout
-        self._read_only = read_only
-        self._after = after
         self._conn: Any = None
 
     def __enter__(self) -> ConnT:
-        if self._read_only:
-            self._conn = self._pool._getconn_read_only(self._timeout, self._after)
-        else:
-            self._conn = self._pool.getconn(self._timeout)
+        self._conn = self._pool.getconn(self._timeout)
         return self._conn  # type: ignore[no-any-return]
 
     def __exit__(
@@ -141,6 +130,20 @@ class Connection(Generic[ConnT]):
         finally:
             # The release rolls back whatever is still open (the error case included).
             pool._release(conn, state)
+
+
+class ReadOnlyConnection(Connection[ConnT]):
+    """``with pool.connection(read_only=True)``: the same, borrowing from a replica."""
+
+    __slots__ = ("_after",)
+
+    def __init__(self, pool: Pool[ConnT], timeout: float | None, after: str | None) -> None:
+        super().__init__(pool, timeout)
+        self._after = after
+
+    def __enter__(self) -> ConnT:
+        self._conn = self._pool._getconn_read_only(self._timeout, self._after)
+        return self._conn  # type: ignore[no-any-return]
 
 
 def _no_policy(*args: Any) -> Any:  # pragma: no cover - replaced by GreenPool
@@ -248,7 +251,9 @@ class Pool(Generic[ConnT]):
         ``read_only=True`` borrows from a replica when the pool has some (``after``: a
         commit token the replica must have replayed). Switches while waiting for a
         connection and while committing/releasing."""
-        return Connection(self, timeout, read_only, after)
+        if read_only:
+            return ReadOnlyConnection(self, timeout, after)
+        return Connection(self, timeout)
 
     def getconn(self, timeout: float | None = None, read_only: bool = False) -> ConnT:
         """Borrow a connection, waiting up to ``timeout`` seconds (default: the pool's).
@@ -263,10 +268,11 @@ class Pool(Generic[ConnT]):
             return self._getconn_read_only(timeout, None)  # type: ignore[no-any-return]
         if self._state != OPEN:
             self._check_open()
+        if timeout is not None:
+            timeout = seconds("timeout", timeout)  # refused even when one is at hand
         settings = self.settings
-        limit = settings.timeout if timeout is None else seconds("timeout", timeout)
         start = monotonic()
-        deadline = start + limit
+        deadline = 0.0  # computed when first needed: the common case never needs it
         while True:
             if self._idle and not self._waiting:
                 rec = self._idle.pop()
@@ -276,7 +282,11 @@ class Pool(Generic[ConnT]):
                     and rec.generation == self._generation
                 ):
                     break  # straight from idle to lent
+                if not deadline:
+                    deadline = start + (settings.timeout if timeout is None else timeout)
             else:
+                if not deadline:
+                    deadline = start + (settings.timeout if timeout is None else timeout)
                 rec = self._wait(deadline, start)
             vetted = self._vet(rec, deadline)  # may switch (a ping)
             if vetted:
@@ -289,7 +299,7 @@ class Pool(Generic[ConnT]):
         self.acquire_count += 1
         if len(lent) > self.peak_acquired:
             self.peak_acquired = len(lent)
-        if len(self._idle) < settings.min_idle:
+        if settings.min_idle and len(self._idle) < settings.min_idle:
             self._grow()  # prime now, not at the next maintenance tick
         return rec.conn  # type: ignore[no-any-return]
 
