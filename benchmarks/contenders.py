@@ -415,8 +415,8 @@ class NoPoolContender:
 
 
 def _greenpool_pw(dsn: str, min_size: int, max_size: int, name: str) -> Contender:
-    """greenpool told to keep psycopg's own wait (what it did before it adopted the
-    gevent-native wait of benchmarks/prototypes/gevent_wait.py): shows that change alone."""
+    """greenpool told to keep psycopg's own wait (what it did before it adopted its
+    gevent-native wait, greenpool/drivers/gevent_wait.py): shows that change alone."""
     import os
 
     os.environ["GREENPOOL_PSYCOPG_WAIT"] = "psycopg"  # read when the pool is opened

@@ -338,8 +338,6 @@ def _area(function: str, path: str) -> str:
         return "greenpool (pool logic)"
     if path.startswith(("psycopg/waiting", "gevent/select", "gevent/timeout", "gevent/event")):
         return "psycopg wait path (psycopg waiting + gevent select/Timeout/Event)"
-    if path.startswith("benchmarks/prototypes/gevent_wait"):
-        return "psycopg wait path (greenpool's gevent-native wait)"
     if path.startswith("gevent/_abstract_linkable"):
         return "psycopg wait path (psycopg waiting + gevent select/Timeout/Event)"
     if path.startswith("gevent/hub") and function == "run":
@@ -443,7 +441,7 @@ def paired(keys: list[str], dsn: str, cycles: int, window: float) -> dict[str, A
 
     from psycopg import waiting
 
-    from benchmarks.prototypes import gevent_wait as proto_wait
+    from greenpool.drivers import gevent_wait
 
     default_wait = waiting.wait  # psycopg's own choice (wait_poll under gevent)
     built: dict[str, Contender] = {}
@@ -454,7 +452,7 @@ def paired(keys: list[str], dsn: str, cycles: int, window: float) -> dict[str, A
         # one, and psycopg's own to every other pool (and to greenpool_pw).
         waits[key] = waiting.wait if key == "greenpool" else default_wait
         if key == "greenpool" and waiting.wait is default_wait:
-            waits[key] = proto_wait.wait  # a greenpool without the adopted wait: the prototype
+            waits[key] = gevent_wait.wait  # not installed (opted out): greenpool's own anyway
     waiting.wait = default_wait
     p = Params(micro_ops=1_000_000, micro_seconds=window, micro_warmup=20)
     io_sql = f"SELECT pg_sleep({p.io_sleep})"
