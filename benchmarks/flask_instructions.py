@@ -285,11 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     cluster: Any = None
     dsn = args.dsn
     if dsn is None:
-        from tests.support.pgcluster import PgCluster
+        from greenpool.embedded import EmbeddedPostgres
 
-        cluster = PgCluster()
+        cluster = EmbeddedPostgres()
         cluster.start()
-        dsn = cluster.admin_dsn
+        dsn = cluster.dsn()
     try:
         k = measure(dsn, args.ops, cases, args.path, args.repeats)
         per_us = nodb_us = None

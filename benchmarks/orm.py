@@ -74,7 +74,7 @@ def _sa_engine(contender: str, dsn: str, app: str, autocommit: bool) -> Any:
     from sqlalchemy.pool import QueuePool
 
     from greenpool.sqlalchemy import GreenQueuePool
-    from tests.ormsupport import sa_url
+    from greenpool.sqlalchemy import url_from_conninfo as sa_url
 
     kwargs: dict[str, Any] = {"pool_size": POOL, "max_overflow": 0, "pool_timeout": 30}
     if autocommit:
@@ -296,17 +296,12 @@ def run_django(contender: str, dsn: str, seconds: float, n: int) -> dict[str, An
     import django
     from django.conf import settings
 
-    from tests.ormsupport import dsn_params
+    from greenpool.django import database_from_conninfo
 
     app = f"bench-{contender}"
-    p = dsn_params(dsn)
     db: dict[str, Any] = {
-        "NAME": p.get("dbname", "postgres"),
-        "USER": p.get("user", ""),
-        "HOST": p.get("host", ""),
-        "PORT": p.get("port", ""),
+        **database_from_conninfo(dsn, application_name=app),
         "CONN_MAX_AGE": 0,
-        "OPTIONS": {"application_name": app},
     }
     if contender == "dj_greenpool":
         db["ENGINE"] = "greenpool.django"
@@ -377,7 +372,7 @@ def prepare(dsn: str) -> None:
     """Tables for both suites: the example Django project's (migrate) and bench_items."""
     import psycopg
 
-    from tests.djangoscenarios import migrate_and_seed
+    from examples.django_app.seed import migrate_and_seed
 
     migrate_and_seed(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -605,11 +600,11 @@ def main(argv: list[str] | None = None) -> int:
     cluster = None
     dsn = args.dsn
     if not dsn:
-        from tests.support.pgcluster import PgCluster
+        from greenpool.embedded import EmbeddedPostgres
 
-        cluster = PgCluster(max_connections=200)
+        cluster = EmbeddedPostgres(max_connections=200)
         cluster.start()
-        dsn = cluster.admin_dsn
+        dsn = cluster.dsn()
     raw: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
     pinning = ServerPinning()
     pin_text = "none"

@@ -186,6 +186,18 @@ def _split_url(text: str, settings: dict[str, Any]) -> str:
     return base + ("?" + "&".join(kept) if kept else "")
 
 
+def libpq_parse(conninfo: str) -> dict[str, str]:
+    """libpq's own reading of a conninfo (``PQconninfoParse``), through psycopg 3, or
+    through psycopg2 where psycopg 3 cannot be imported; the driver's error is raised."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        from psycopg2.extensions import parse_dsn
+
+        return {k: str(v) for k, v in parse_dsn(conninfo).items() if v is not None}
+    return {k: str(v) for k, v in conninfo_to_dict(conninfo).items() if v is not None}
+
+
 def _libpq_params(conninfo: str) -> dict[str, str]:
     from psycopg import Error
     from psycopg.conninfo import conninfo_to_dict

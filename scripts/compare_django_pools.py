@@ -30,8 +30,8 @@ from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests import djangoscenarios as scenarios  # noqa: E402
-from tests import webload  # noqa: E402
+from tests.support import djangoscenarios as scenarios  # noqa: E402
+from tests.support import webload  # noqa: E402
 from tests.support.pgcluster import PgCluster  # noqa: E402
 
 LABELS = {

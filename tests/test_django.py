@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from gevent.event import Event
 
-from tests.ormsupport import backend_pids, dsn_params, repo_root, wait_until
+from tests.support.ormsupport import backend_pids, repo_root, wait_until
 
 APP = f"gpdj-{uuid.uuid4().hex[:6]}"
 MAX_SIZE = 3
@@ -29,24 +29,16 @@ _configured: dict[str, Any] = {}
 
 
 def _database(dsn: str, app: str = APP, **extra: Any) -> dict[str, Any]:
-    p = dsn_params(dsn)
+    from greenpool.django import database_from_conninfo
+
     return {
         "ENGINE": "greenpool.django",
-        "NAME": p.get("dbname", "postgres"),
-        "USER": p.get("user", ""),
-        "PASSWORD": p.get("password", ""),
-        "HOST": p.get("host", ""),
-        "PORT": p.get("port", ""),
-        "OPTIONS": {
-            **{
-                k: v
-                for k, v in p.items()
-                if k not in ("user", "password", "host", "port", "dbname")
-            },
-            "application_name": app,
+        **database_from_conninfo(
+            dsn,
+            application_name=app,
             # 2 s: the first connection must fit in it on a busy machine too.
-            "pool": {"min_size": 1, "max_size": MAX_SIZE, "timeout": 2, "name": app},
-        },
+            pool={"min_size": 1, "max_size": MAX_SIZE, "timeout": 2, "name": app},
+        ),
         **extra,
     }
 

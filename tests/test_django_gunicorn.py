@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests import djangoscenarios as scenarios
-from tests import webload
+from tests.support import djangoscenarios as scenarios
+from tests.support import webload
 
 WORKERS = 2
 MAX_SIZE = 4

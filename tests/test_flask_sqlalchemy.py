@@ -15,8 +15,8 @@ import gevent
 import pytest
 from gevent.event import Event
 
-from tests import webload
-from tests.ormsupport import backend_pids, unique_name, wait_until
+from tests.support import webload
+from tests.support.ormsupport import backend_pids, unique_name, wait_until
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from sqlalchemy import event, exc, text
 from sqlalchemy.orm import Session
 
 from greenpool.sqlalchemy import GreenQueuePool
-from tests.ormsupport import backend_pids, sa_url, unique_name, wait_until
+from tests.support.ormsupport import backend_pids, sa_url, unique_name, wait_until
 
 Engine = sa.engine.Engine
 

@@ -21,7 +21,7 @@ from sqlalchemy import event, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from greenpool.sqlalchemy import GreenQueuePool
-from tests.ormsupport import backend_pids, sa_url, unique_name, wait_until
+from tests.support.ormsupport import backend_pids, sa_url, unique_name, wait_until
 
 POOL_SIZE = 10
 WORKERS = 200

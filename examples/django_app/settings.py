@@ -20,22 +20,10 @@ if os.environ.get("GP_DJANGO_PSYCOPG2") == "1":
 
 
 def _dsn(text: str) -> dict[str, object]:
-    """Django's connection settings from a libpq URL or key=value string, read by libpq
-    itself; parameters Django has no setting for (passfile, sslmode ...) go to OPTIONS."""
-    from psycopg.conninfo import conninfo_to_dict
+    """Django's connection settings from a libpq URL or key=value string (libpq reads it)."""
+    from greenpool.django.settings import database_from_conninfo
 
-    params = {k: str(v) for k, v in conninfo_to_dict(text).items() if v is not None}
-    main = {
-        "dbname": "NAME",
-        "user": "USER",
-        "password": "PASSWORD",
-        "host": "HOST",
-        "port": "PORT",
-    }
-    result: dict[str, object] = {setting: params.pop(key, "") for key, setting in main.items()}
-    result["NAME"] = result["NAME"] or "postgres"
-    result["_EXTRA_OPTIONS"] = params
-    return result
+    return database_from_conninfo(text)
 
 
 ENGINE = os.environ.get("GP_DJANGO_ENGINE", "greenpool")
@@ -46,7 +34,7 @@ APP_NAME = os.environ.get("GP_DJANGO_NAME", "greenpool-django-example")
 
 def _database() -> dict[str, object]:
     base: dict[str, object] = {**_dsn(os.environ.get("DATABASE_URL", "")), "CONN_MAX_AGE": 0}
-    extra = base.pop("_EXTRA_OPTIONS")
+    extra = base.pop("OPTIONS")
     options: dict[str, object] = {**extra, "application_name": APP_NAME}  # type: ignore[dict-item]
     if ENGINE == "greenpool":
         base["ENGINE"] = "greenpool.django"

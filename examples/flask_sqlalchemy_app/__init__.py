@@ -22,7 +22,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import URL, make_url
 from sqlalchemy.orm import DeclarativeBase
 
-from greenpool.sqlalchemy import GreenQueuePool
+from greenpool.sqlalchemy import GreenQueuePool, url_from_conninfo
 from greenpool.sqlalchemy.flask import init_app as init_greenpool_errors
 
 
@@ -37,19 +37,7 @@ def database_url(text: str, application_name: str) -> URL:
     """A SQLAlchemy URL (psycopg 3 dialect) from a libpq URL or key=value string."""
     if text.startswith("postgresql+"):
         return make_url(text).update_query_dict({"application_name": application_name})
-    from psycopg.conninfo import conninfo_to_dict
-
-    p = {k: str(v) for k, v in conninfo_to_dict(text).items() if v is not None}  # libpq reads it
-    url = URL.create(
-        "postgresql+psycopg",
-        username=p.pop("user", None),
-        password=p.pop("password", None),
-        host=p.pop("host", None),
-        port=int(p.pop("port")) if p.get("port") else None,
-        database=p.pop("dbname", None),
-        query=p,  # every other libpq parameter (passfile, sslmode ...)
-    )
-    return url.update_query_dict({"application_name": application_name})
+    return url_from_conninfo(text, "psycopg", application_name=application_name)
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:

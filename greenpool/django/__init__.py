@@ -18,5 +18,6 @@ it. See docs/django.md.
 from __future__ import annotations
 
 from greenpool.django.pools import close_pools, get_pool
+from greenpool.django.settings import database_from_conninfo
 
-__all__ = ["close_pools", "get_pool"]
+__all__ = ["close_pools", "database_from_conninfo", "get_pool"]

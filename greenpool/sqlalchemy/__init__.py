@@ -11,5 +11,6 @@ See docs/sqlalchemy.md.
 from __future__ import annotations
 
 from greenpool.sqlalchemy.pool import GreenQueuePool
+from greenpool.sqlalchemy.url import url_from_conninfo
 
-__all__ = ["GreenQueuePool"]
+__all__ = ["GreenQueuePool", "url_from_conninfo"]

@@ -7,43 +7,15 @@ side by side, recording).
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
-from tests import webload
-from tests.ormsupport import repo_root, unique_name
+from examples.django_app.seed import ACCOUNTS, migrate_and_seed  # noqa: F401
+from tests.support import webload
+from tests.support.ormsupport import unique_name
 
 APP = "examples.django_app.wsgi:application"
-ACCOUNTS = 400
-
-
-def migrate_and_seed(dsn: str) -> None:
-    """``manage.py migrate`` (a management command, in a process gevent never patched),
-    then 400 accounts with 1000 each."""
-    env = {**os.environ, "DATABASE_URL": dsn, "GP_DJANGO_NAME": "migrate"}
-    env["PYTHONPATH"] = repo_root()
-    subprocess.run(
-        [sys.executable, "-m", "examples.django_app.manage", "migrate", "-v", "0"],
-        env=env, check=True, timeout=120, cwd=repo_root(),
-    )  # fmt: skip
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        # Ids 1..ACCOUNTS, whatever other tests left (rolled-back inserts leave gaps).
-        conn.execute(
-            "INSERT INTO bank_account (id, owner, balance) "
-            "SELECT n, 'user' || n, 1000 FROM generate_series(1, %s) n "
-            "ON CONFLICT (id) DO NOTHING",
-            (ACCOUNTS,),
-        )
-        conn.execute(
-            "SELECT setval(pg_get_serial_sequence('bank_account', 'id'), "
-            "(SELECT max(id) FROM bank_account))"
-        )
 
 
 def start(

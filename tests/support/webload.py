@@ -25,7 +25,7 @@ import gevent
 import psycopg
 from gevent.event import Event
 
-from tests.ormsupport import free_port, repo_root
+from tests.support.ormsupport import free_port, repo_root
 
 CONF = Path(repo_root()) / "deploy" / "gunicorn.conf.py"
 

@@ -33,22 +33,10 @@ def dsn_params(dsn: str) -> dict[str, Any]:
 
 
 def sa_url(dsn: str, driver: str = "psycopg", **query: str) -> Any:
-    """A SQLAlchemy URL for the test server's key=value DSN."""
-    from sqlalchemy import URL
+    """A SQLAlchemy URL for the test server's key=value DSN (passfile included)."""
+    from greenpool.sqlalchemy.url import url_from_conninfo
 
-    p = dsn_params(dsn)
-    extra = {
-        k: str(v) for k, v in p.items() if k not in ("user", "password", "host", "port", "dbname")
-    }
-    return URL.create(
-        f"postgresql+{driver}",
-        username=p.get("user"),
-        password=p.get("password"),
-        host=p.get("host"),
-        port=int(p["port"]) if p.get("port") else None,
-        database=p.get("dbname"),
-        query={**extra, **query},  # e.g. the test cluster's passfile
-    )
+    return url_from_conninfo(dsn, driver, **query)
 
 
 def backend_pids(dsn: str, application_name: str) -> set[int]:
@@ -70,4 +58,4 @@ def free_port() -> int:
 
 
 def repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
