@@ -168,7 +168,11 @@ class Instrumentation:
         tasks = self.pool._maintenance.tasks
         if self.sync in tasks:
             tasks.remove(self.sync)
-        _instrumented.pop(self.pool, None)
+        if _instrumented.get(self.pool) is self:
+            del _instrumented[self.pool]
+            if self._shared is None:  # one process: forget its series
+                for histogram in _histograms.values():
+                    histogram.remove(*self.labels)
 
 
 def _counter_keys() -> list[str]:
