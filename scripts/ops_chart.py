@@ -212,7 +212,7 @@ def quantile(q: float, before: dict[float, float], after: dict[float, float]) ->
     return lower
 
 
-def run(out: Path) -> None:
+def run(out: Path, last_scrape: Path | None = None) -> None:
     sys.path.insert(0, str(REPO))
     from examples.flask_app.schema import setup_conninfo
 
@@ -240,6 +240,8 @@ def run(out: Path) -> None:
                 start = until
             gevent.joinall(clients, timeout=60)
             watcher.join(timeout=10)
+            if last_scrape is not None:
+                last_scrape.write_text(scrape(port))
     draw(samples, load, out)
 
 
@@ -330,8 +332,9 @@ def draw(samples: list[tuple[float, dict[str, Any]]], load: Load, out: Path) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "ops-chart.png")
+    parser.add_argument("--last-scrape", type=Path, help="write the last /metrics answer here")
     args = parser.parse_args(argv)
-    run(args.out)
+    run(args.out, args.last_scrape)
     return 0
 
 
