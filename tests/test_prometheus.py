@@ -224,3 +224,12 @@ def test_the_dashboard_check_catches_a_wrong_name() -> None:
         {"greenpool_max_size"},
         {"pool"},
     )
+
+
+def test_operations_doc_lists_every_exported_metric() -> None:
+    text = (dashboard.DASHBOARD.parents[1] / "docs" / "operations.md").read_text()
+    for stat in (*GAUGES, *HISTOGRAMS):
+        assert f"`{stat.metric}`" in text, stat
+    for stat in COUNTERS:
+        assert f"`{stat.metric}_total`" in text, stat
+    assert "`greenpool_connections_closed_total`" in text
