@@ -156,6 +156,15 @@ def test_core_instrument_without_flask(make_pool: Factory) -> None:
     assert one(found, "greenpool_acquire_wait_seconds_count", pool=pool.name) == 4
     assert one(found, "greenpool_acquires_total", pool=pool.name, database="orders") == 4
     assert pick(found, "greenpool_acquires_total", pool=other.name) == []  # not instrumented
+
+    prometheus.instrument(other)
+    with other.connection():
+        pass
+    only = CollectorRegistry()  # a collector of one pool shows that pool's series alone
+    only.register(prometheus.PoolCollector(lambda: [("orders", pool)]))
+    found = samples(generate_latest(only).decode())
+    assert {s.labels["pool"] for s in found} == {pool.name}
+    assert one(found, "greenpool_hold_seconds_count", pool=pool.name) == 4
     handle.remove()
     with pool.connection():
         pass
