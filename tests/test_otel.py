@@ -175,6 +175,21 @@ def test_a_pool_nobody_instruments_pays_nothing_and_imports_nothing(make_pool: F
     assert result.stdout.strip() == "[]"
 
 
+def test_without_histograms_the_borrow_path_stays_untraced(
+    make_pool: Factory, otel: Reader
+) -> None:
+    pool = make_pool(min_size=1, max_size=2)
+    gp_otel.instrument(pool, otel.provider, histograms=False)
+    pool.wait(10)
+    with pool.connection():
+        points = otel.points(pool.name)
+    assert "getconn" not in vars(pool) and "_release" not in vars(pool)
+    used = {"db.client.connection.state": "used"}
+    assert value(points["db.client.connection.count"], **used) == 1
+    assert "db.client.connection.wait_time" not in points
+    assert [p.count for p in points["db.client.connection.create_time"]] == [1]
+
+
 def test_a_connect_tracer_alone_leaves_the_borrow_path_alone(make_pool: Factory) -> None:
     pool = make_pool(min_size=2, max_size=2, open=False)
     seen: list[float] = []
