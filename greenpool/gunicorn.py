@@ -236,8 +236,12 @@ def post_worker_init(worker: Any) -> None:
 
 def worker_exit(server: Any, worker: Any) -> None:
     """Close the worker's pools so PostgreSQL sees clean disconnects, not dropped sockets
-    (runs in the worker after graceful shutdown, on max_requests recycling too)."""
+    (runs in the worker after graceful shutdown, on max_requests recycling too); with
+    Prometheus metrics on, copy their last figures to the shared files."""
     _close_pools(timeout=2.0)
+    metrics = sys.modules.get("greenpool.prometheus")
+    if metrics is not None:
+        metrics.sync()
 
 
 def worker_abort(worker: Any) -> None:

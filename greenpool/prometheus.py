@@ -14,8 +14,9 @@ exported beside them. Two modes, chosen by prometheus_client itself:
   and ``pid``; the histograms ``database`` and ``pool``.
 - **Many processes** (gunicorn workers; ``PROMETHEUS_MULTIPROC_DIR`` names a directory
   shared by the workers, set before they start): every instrumented pool copies its
-  ``stats()`` into prometheus_client's multiprocess files on each maintenance pass (at
-  least once a second, and just before a scrape in the worker that serves it), and
+  ``stats()`` and its buffered observations into prometheus_client's multiprocess files
+  on each maintenance pass (at least once a second, and just before a scrape in the
+  worker that serves it), and
   :func:`generate_latest` answers with every worker's figures through
   ``MultiProcessCollector``. Gauges keep one series per worker (``pid`` label, dropped
   when gunicorn's ``child_exit`` calls :func:`mark_process_dead`); counters and
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +112,48 @@ def _make_shared() -> dict[str, Any]:
 # ---------------------------------------------------------------------------- instrumenting
 
 
+class _Buffered:
+    """One histogram child, observed into plain counts and flushed into prometheus_client
+    in batches: an observation then costs a bisect and two additions instead of two
+    value updates (each a lock, and a file write in multiprocess mode)."""
+
+    __slots__ = ("_child", "counts", "sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self.counts = [0] * (len(BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def flush(self) -> None:
+        counts, self.counts = self.counts, [0] * (len(BUCKETS) + 1)
+        total, self.sum = self.sum, 0.0
+        buckets = self._child._buckets  # prometheus_client keeps per-bucket counts
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
+        if total:
+            self._child._sum.inc(total)
+
+
+def _buffered(child: Any) -> _Buffered | None:
+    """A buffer for ``child``, or None when prometheus_client's internals differ from what
+    the buffer expects (then every observation goes straight to it)."""
+    buckets = getattr(child, "_buckets", None)
+    bounds = getattr(child, "_upper_bounds", None)
+    if (
+        isinstance(buckets, list)
+        and hasattr(child, "_sum")
+        and bounds is not None
+        and list(bounds) == [*BUCKETS, float("inf")]
+    ):
+        return _Buffered(child)
+    return None
+
+
 class Instrumentation:
     """What :func:`instrument` installed on one pool; :meth:`remove` takes it off."""
 
@@ -118,8 +162,15 @@ class Instrumentation:
         self.database = database
         self.labels = (database, pool.name)
         histograms = _make_histograms()
-        self._wait = histograms["acquire"].labels(*self.labels)
-        self._hold = histograms["release"].labels(*self.labels)
+        wait = histograms["acquire"].labels(*self.labels)
+        hold = histograms["release"].labels(*self.labels)
+        self._buffers = [b for b in (_buffered(wait), _buffered(hold)) if b is not None]
+        if len(self._buffers) == 2:
+            self._observe_wait = self._buffers[0].observe
+            self._observe_hold = self._buffers[1].observe
+        else:
+            self._buffers = []
+            self._observe_wait, self._observe_hold = wait.observe, hold.observe
         self._synced: dict[str, float] = {}  # counters as last copied (multiprocess mode)
         self._shared = _make_shared() if multiprocess_mode() else None
         self._remove_tracers = pool.add_tracer(on_acquire=self._acquired, on_release=self._released)
@@ -128,14 +179,21 @@ class Instrumentation:
             pool._maintenance.tasks.append(self.sync)
 
     def _acquired(self, pool: Any, conn: Any, seconds: float) -> None:
-        self._wait.observe(seconds)
+        self._observe_wait(seconds)
 
     def _released(self, pool: Any, conn: Any, seconds: float) -> None:
-        self._hold.observe(seconds)
+        self._observe_hold(seconds)
+
+    def flush(self) -> None:
+        """Move the buffered observations into prometheus_client (a collector does this
+        before reading; multiprocess mode on every maintenance pass). Never switches."""
+        for buffer in self._buffers:
+            buffer.flush()
 
     def sync(self) -> None:
         """Multiprocess mode: copy the pool's ``stats()`` into the shared files (gauges
         set, counters advanced by what happened since the last copy). Never switches."""
+        self.flush()
         shared = self._shared
         if shared is None:
             return
@@ -165,6 +223,7 @@ class Instrumentation:
     def remove(self) -> None:
         """Stop recording for this pool. Never switches."""
         self._remove_tracers()
+        self.flush()
         tasks = self.pool._maintenance.tasks
         if self.sync in tasks:
             tasks.remove(self.sync)
@@ -242,6 +301,8 @@ class PoolCollector:
         """Yield the metric families (prometheus_client's collector protocol)."""
         core = prometheus_client().core
         pid = str(os.getpid())
+        for instrumentation in list(_instrumented.values()):
+            instrumentation.flush()
         rows = [
             ([database, pool.name, pid], pool.stats())
             for database, pool in self._rows()

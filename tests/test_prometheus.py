@@ -142,6 +142,7 @@ def test_core_instrument_without_flask(make_pool: Factory) -> None:
     other = make_pool(min_size=1, max_size=1)
     handle = prometheus.instrument(pool, database="orders")
     assert prometheus.instrument(pool) is handle
+    assert len(handle._buffers) == 2  # observations batched, not one lock per bucket
     with pytest.raises(TypeError, match="wants a pool"):
         prometheus.instrument("not a pool")  # type: ignore[arg-type]
     pool.wait(10)
