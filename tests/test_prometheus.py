@@ -243,3 +243,30 @@ def test_operations_doc_lists_every_exported_metric() -> None:
     for stat in COUNTERS:
         assert f"`{stat.metric}_total`" in text, stat
     assert "`greenpool_connections_closed_total`" in text
+
+
+def test_batched_observations_land_in_the_buckets_prometheus_client_would_pick() -> None:
+    from prometheus_client import Histogram
+
+    from greenpool.prometheus import BUCKETS, _buffered
+
+    values = [0.0, 0.00005, *BUCKETS, *(b * 1.01 for b in BUCKETS), 31.0, 1e6]
+    direct = Histogram("direct", "d", buckets=BUCKETS, registry=None)
+    batched = Histogram("batched", "b", buckets=BUCKETS, registry=None)
+    buffer = _buffered(batched)
+    assert buffer is not None
+    for value in values:
+        direct.observe(value)
+        buffer.observe(value)
+    buffer.flush()
+    buffer.flush()  # nothing twice
+
+    def figures(histogram: Any) -> list[tuple[str, str | None, float]]:
+        return [
+            (s.name.split("_")[-1], s.labels.get("le"), s.value)
+            for family in histogram.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert figures(batched) == figures(direct)
