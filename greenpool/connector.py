@@ -29,6 +29,7 @@ from greenpool.vetting import describe_error
 
 if TYPE_CHECKING:
     from greenpool.pool import Pool
+    from greenpool.tracing import Tracers
     from greenpool.vetting import Vetting
 
 logger = logging.getLogger("greenpool")
@@ -80,6 +81,8 @@ class Connector:
         self.last_exception: BaseException | None = None
         self.connect_errors = 0
         self.new_conns_count = 0
+        #: Set once a connect tracer is added (see greenpool.tracing).
+        self.tracers: Tracers | None = None
 
     # ------------------------------------------------------------------ growing
 
@@ -150,6 +153,7 @@ class Connector:
         """
         pool = self._pool
         epoch = self._epoch if epoch is None else epoch
+        started = monotonic()
         try:
             with gevent.Timeout(timeout, _ConnectTimeout):
                 conn = self._connect_configured(timeout)
@@ -178,6 +182,8 @@ class Connector:
             return None
         self.new_conns_count += 1
         self._note_success()
+        if self.tracers is not None and self.tracers.on_connect:
+            self.tracers.connected(conn, monotonic() - started)
         return rec
 
     def _connect_configured(self, timeout: float) -> Any:

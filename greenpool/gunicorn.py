@@ -25,12 +25,14 @@ from typing import Any
 __all__ = [
     "accesslog",
     "bind",
+    "child_exit",
     "control_socket_disable",
     "graceful_timeout",
     "keepalive",
     "loglevel",
     "max_requests",
     "max_requests_jitter",
+    "on_starting",
     "post_fork",
     "post_worker_init",
     "preload_app",
@@ -155,6 +157,42 @@ def _close_pools(timeout: float) -> None:
     close_all(timeout=timeout)
 
 
+# --------------------------------------------------------------------------- metrics
+# One Prometheus scrape for every worker: start gunicorn with PROMETHEUS_MULTIPROC_DIR
+# naming a directory for this instance alone (tmpfs is best). prometheus_client then
+# keeps every worker's values in files there and any worker's /metrics answers for all
+# (greenpool.prometheus). The master empties the directory when it starts (on_starting)
+# and drops an exited worker's gauges (child_exit); its counters stay in the sums.
+def _multiproc_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def on_starting(server: Any) -> None:
+    """In the master, before any worker: create PROMETHEUS_MULTIPROC_DIR (mode 0700) when
+    it is set, and remove the value files a previous run left there (their counters
+    would add to this run's)."""
+    path = _multiproc_dir()
+    if path is None:
+        return
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.remove(os.path.join(path, name))
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """In the master, after a worker exited (shutdown, recycling, crash): with
+    PROMETHEUS_MULTIPROC_DIR set, drop its gauges from the merged scrape."""
+    if _multiproc_dir() is None:
+        return
+    try:
+        from greenpool.prometheus import mark_process_dead
+
+        mark_process_dead(worker.pid)
+    except Exception as ex:  # prometheus_client missing: nothing was written
+        server.log.warning("greenpool: could not drop worker %s's gauges: %s", worker.pid, ex)
+
+
 # --------------------------------------------------------------------------- hooks
 def post_fork(server: Any, worker: Any) -> None:
     """Send greenpool's log records (pool opened/closed, failures, 503s) to gunicorn's
@@ -198,8 +236,12 @@ def post_worker_init(worker: Any) -> None:
 
 def worker_exit(server: Any, worker: Any) -> None:
     """Close the worker's pools so PostgreSQL sees clean disconnects, not dropped sockets
-    (runs in the worker after graceful shutdown, on max_requests recycling too)."""
+    (runs in the worker after graceful shutdown, on max_requests recycling too); with
+    Prometheus metrics on, copy their last figures to the shared files."""
     _close_pools(timeout=2.0)
+    metrics = sys.modules.get("greenpool.prometheus")
+    if metrics is not None:
+        metrics.sync()
 
 
 def worker_abort(worker: Any) -> None:

@@ -2,6 +2,8 @@
 
 ``STATS`` is the one list of keys: exporters (the Prometheus collector, OpenTelemetry)
 build their metrics from it, so a key's name, kind and help text live here only.
+``HISTOGRAMS`` names the distributions the exporters record through tracers (they are
+not in ``stats()``: a snapshot has no distribution).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ class Stat:
     """One key of ``stats()``."""
 
     key: str
-    kind: str  # "gauge" or "counter"
+    kind: str  # "gauge", "counter" or "histogram"
     metric: str  # Prometheus metric name (counters get ``_total`` from the client library)
     help: str
 
@@ -66,7 +68,8 @@ COUNTERS = (
     Stat(
         "acquire_wait_seconds_total",
         "counter",
-        "greenpool_acquire_wait_seconds",
+        # not greenpool_acquire_wait_seconds: that is the histogram of every acquire
+        "greenpool_acquire_waited_seconds",
         "Time spent waiting for a connection by acquires that had to wait.",
     ),
     Stat("returns_count", "counter", "greenpool_returns", "Connections given back."),
@@ -107,6 +110,21 @@ CLOSED_REASONS = {
     "broken_destroy_count": "broken",
 }
 STATS = GAUGES + COUNTERS
+#: Distributions recorded by the exporters' tracers (seconds), keyed like the tracers.
+HISTOGRAMS = (
+    Stat(
+        "acquire",
+        "histogram",
+        "greenpool_acquire_wait_seconds",
+        "Time a successful acquire took, waiting included.",
+    ),
+    Stat(
+        "release",
+        "histogram",
+        "greenpool_hold_seconds",
+        "Time a borrower held a connection, from its acquire to its release.",
+    ),
+)
 
 
 def snapshot(pool: GreenPool[Any]) -> dict[str, Any]:

@@ -496,4 +496,4 @@ def test_stats_json_and_prometheus(make_app: MakeApp) -> None:
     assert acquires.labels["pool"] == app.config["GREENPOOL_NAME"]
     assert samples[("greenpool_max_size", None)].value == 2
     assert samples[("greenpool_connections_closed_total", "broken")].value == 0
-    assert ("greenpool_acquire_wait_seconds_total", None) in samples
+    assert ("greenpool_acquire_waited_seconds_total", None) in samples

@@ -9,6 +9,7 @@ quoting a value. Values are never echoed (a conninfo or bind may carry a passwor
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
 import typing
 from collections.abc import Callable, Mapping
@@ -61,6 +62,8 @@ EXTENSION_KEYS = (
     "require_cooperation",
     "retry_after",
     "handle_exhaustion",
+    "prometheus",
+    "otel",
 )
 #: Keys that were renamed: old -> new.
 RENAMED = {"commit_on_teardown": "commit_on_success"}
@@ -139,6 +142,11 @@ class ExtensionOptions:
     require_cooperation: bool | None = None  # None: "auto", see docs/flask.md
     retry_after: int = 1
     handle_exhaustion: bool = True
+    #: Histograms for Prometheus: None (auto: on once stats_blueprint is registered or a
+    #: GreenPoolCollector made), True, False.
+    prometheus: bool | None = None
+    #: OpenTelemetry metrics: False, True (the global meter provider) or a MeterProvider.
+    otel: Any = False
 
 
 @dataclass
@@ -192,6 +200,13 @@ def _as_tristate(label: str, value: Any) -> bool | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
         return None
     return _as_bool(label, value)
+
+
+def _require(label: str, module: str, extra: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{label}: needs {module}: pip install 'greenpool[{extra}]'") from None
 
 
 def _unknown(label: str, key: str, known: tuple[str, ...]) -> ConfigError:
@@ -379,6 +394,15 @@ def parse_config(
         options.require_cooperation = _as_tristate(
             PREFIX + "REQUIRE_COOPERATION", top["require_cooperation"]
         )
+    if "prometheus" in top:
+        options.prometheus = _as_tristate(PREFIX + "PROMETHEUS", top["prometheus"])
+        if options.prometheus:
+            _require(PREFIX + "PROMETHEUS", "prometheus_client", "prometheus")
+    if "otel" in top:
+        value = top["otel"]
+        options.otel = value if hasattr(value, "get_meter") else _as_bool(PREFIX + "OTEL", value)
+        if options.otel:
+            _require(PREFIX + "OTEL", "opentelemetry.metrics", "otel")
     if top.get("retry_after") is not None:
         options.retry_after = _as_int(PREFIX + "RETRY_AFTER", top["retry_after"])
         if options.retry_after < 0:

@@ -2,9 +2,15 @@
 
 ``app.register_blueprint(stats_blueprint(authorize=check), url_prefix="/_greenpool")``
 serves ``/_greenpool/stats`` (JSON) and ``/_greenpool/metrics`` (Prometheus). Neither
-touches the database or starts a pool. Each gunicorn worker has its own pools, so each
-answer describes the worker that served it (its ``pid`` is in the JSON and in every
-metric's labels).
+touches the database or starts a pool. ``/stats`` describes the worker that served it
+(its ``pid`` is in the JSON). ``/metrics`` does too, unless prometheus_client runs in
+multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, see :mod:`greenpool.prometheus` and
+:mod:`greenpool.gunicorn`): then any worker answers for all of them.
+
+Registering the blueprint (or creating a :class:`GreenPoolCollector`) turns on the
+acquire-wait and hold-time histograms of the app's pools (tracers on every borrow);
+``GREENPOOL_PROMETHEUS = False`` keeps them off, ``True`` turns them on without the
+blueprint.
 
 The endpoints reveal pool names, sizes and load: ``stats_blueprint`` wants an
 ``authorize`` callable (return True to serve the request) or an explicit ``public=True``.
@@ -15,74 +21,64 @@ unless ``include_errors=True``. The Prometheus part needs ``prometheus_client``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, abort, current_app, jsonify
+from flask.blueprints import BlueprintSetupState
 
-from greenpool.flask_ext.request import state_of
-from greenpool.stats import CLOSED_REASONS, COUNTERS, GAUGES
+from greenpool.flask_ext.request import EXTENSION_KEY, state_of
+from greenpool.prometheus import PoolCollector
 
-_LABELS = ["database", "pool", "pid"]
+if TYPE_CHECKING:
+    from greenpool.api import GreenPool
+    from greenpool.flask_ext.state import AppState
+
 PROMETHEUS_EXTRA = "pip install 'greenpool[prometheus]'"
 
 
 def _prometheus() -> Any:
+    from greenpool.prometheus import prometheus_client
+
+    return prometheus_client()
+
+
+def _rows(state: AppState) -> Callable[[], Iterable[tuple[str, GreenPool[Any]]]]:
+    def rows() -> list[tuple[str, GreenPool[Any]]]:
+        found = []
+        for key, db in state.databases.items():
+            pool = state.started_pool(key)
+            if pool is not None:
+                found.append((db.label, pool))
+        return found
+
+    return rows
+
+
+def _enable(app: Flask) -> None:
+    """Turn the histograms on for ``app`` (when prometheus_client is installed)."""
+    state = app.extensions.get(EXTENSION_KEY)
+    if state is None:
+        return
     try:
-        import prometheus_client
-        import prometheus_client.core
-        import prometheus_client.exposition
+        _prometheus()
     except ImportError:
-        raise ImportError(
-            f"greenpool's Prometheus metrics need prometheus_client: {PROMETHEUS_EXTRA}"
-        ) from None
-    return prometheus_client
+        return
+    state.enable_prometheus()
 
 
-def _rows(app: Flask) -> tuple[list[tuple[list[str], dict[str, Any]]], str]:
-    snapshot = state_of(app).snapshot(errors=False)
-    pid = str(snapshot["pid"])
-    rows = [
-        ([label, stats["pool"], pid], stats)
-        for label, stats in snapshot["databases"].items()
-        if stats["started"]
-    ]
-    return rows, pid
-
-
-class GreenPoolCollector:
-    """A prometheus_client collector reading the pools of one Flask app.
+class GreenPoolCollector(PoolCollector):
+    """A prometheus_client collector reading the pools of one Flask app (one process).
 
     Register it in your own registry to merge greenpool's metrics with the app's:
     ``REGISTRY.register(GreenPoolCollector(app))``. Only started pools are reported.
+    Creating it turns on the app's histograms (unless ``GREENPOOL_PROMETHEUS = False``).
+    In multiprocess mode serve :func:`greenpool.prometheus.generate_latest` instead.
     """
 
     def __init__(self, app: Flask) -> None:
-        _prometheus()
-        self._app = app
-
-    def collect(self) -> Iterator[Any]:
-        core = _prometheus().core
-        rows, _pid = _rows(self._app)
-        for stat in GAUGES:
-            gauge = core.GaugeMetricFamily(stat.metric, stat.help, labels=_LABELS)
-            for labels, stats in rows:
-                gauge.add_metric(labels, float(stats.get(stat.key, 0)))
-            yield gauge
-        for stat in COUNTERS:
-            counter = core.CounterMetricFamily(stat.metric, stat.help, labels=_LABELS)
-            for labels, stats in rows:
-                counter.add_metric(labels, float(stats.get(stat.key, 0)))
-            yield counter
-        closed = core.CounterMetricFamily(
-            "greenpool_connections_closed",
-            "Connections closed by the pool, by reason.",
-            labels=[*_LABELS, "reason"],
-        )
-        for labels, stats in rows:
-            for key, reason in CLOSED_REASONS.items():
-                closed.add_metric([*labels, reason], float(stats.get(key, 0)))
-        yield closed
+        super().__init__(_rows(state_of(app)))
+        _enable(app)
 
 
 def stats_blueprint(
@@ -99,7 +95,8 @@ def stats_blueprint(
     header, the client address, ``flask_login.current_user`` ...) and a false answer gets
     403; ``public=True`` serves everyone (behind your own network protection). One of them
     is required. ``include_errors`` puts the last connection error text in the JSON.
-    ``options`` go to :class:`flask.Blueprint`.
+    ``options`` go to :class:`flask.Blueprint`. Registering it turns on the app's
+    acquire-wait and hold-time histograms (see the module docstring).
     """
     if authorize is None and not public:
         raise ValueError(
@@ -109,6 +106,11 @@ def stats_blueprint(
     if authorize is not None and not callable(authorize):
         raise ValueError("stats_blueprint: authorize must be a callable")
     bp = Blueprint(name, __name__, **options)
+
+    def _registered(setup: BlueprintSetupState) -> None:
+        _enable(setup.app)  # type: ignore[arg-type]
+
+    bp.record_once(_registered)
 
     if authorize is not None:
         check = authorize
@@ -123,15 +125,15 @@ def stats_blueprint(
 
     def metrics() -> Response:
         try:
-            prometheus = _prometheus()
+            from greenpool import prometheus
+
+            prometheus.prometheus_client()
         except ImportError as ex:
             return Response(f"{ex}\n", status=501, mimetype="text/plain")
-        registry = prometheus.CollectorRegistry(auto_describe=False)
-        registry.register(GreenPoolCollector(current_app._get_current_object()))  # type: ignore[attr-defined]
-        return Response(
-            prometheus.generate_latest(registry),
-            mimetype=prometheus.exposition.CONTENT_TYPE_LATEST,
-        )
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        _enable(app)  # registered before init_app: on from the first scrape
+        body, content_type = prometheus.generate_latest(_rows(state_of(app)))
+        return Response(body, mimetype=content_type)
 
     bp.add_url_rule("/stats", "stats", stats, methods=["GET"])
     bp.add_url_rule("/metrics", "metrics", metrics, methods=["GET"])

@@ -44,6 +44,30 @@ class AppState:
         self._base_name = parsed.base_name
         self._own_pool = own_pool  # the extension object, when it is a pool itself
         self._pools: dict[str | None, GreenPool[Any]] = {}  # checked and in use here
+        self._prometheus = parsed.options.prometheus is True  # histograms wanted
+
+    def enable_prometheus(self) -> None:
+        """Record the acquire-wait and hold-time histograms of this app's pools, from now
+        on (stats_blueprint and GreenPoolCollector call this), unless
+        ``GREENPOOL_PROMETHEUS`` is False. Never switches."""
+        if self.options.prometheus is False or self._prometheus:
+            return
+        self._prometheus = True
+        for key, pool in list(self._pools.items()):
+            if not pool.closed:
+                self._instrument(pool, key)
+
+    def _instrument(self, pool: GreenPool[Any], key: str | None) -> None:
+        label = self.databases[key].label if key in self.databases else str(key)
+        if self._prometheus:
+            from greenpool import prometheus
+
+            prometheus.instrument(pool, database=label)
+        if self.options.otel:
+            from greenpool import otel
+
+            provider = None if self.options.otel is True else self.options.otel
+            otel.instrument(pool, provider)
 
     def database(self, key: str | None) -> DatabaseConfig:
         """The configuration of ``key`` (None: the default database)."""
@@ -89,6 +113,8 @@ class AppState:
             pool = get_pool(db.conninfo, **db.pool_kwargs())
         self._check(pool, key)
         self._pools[key] = pool
+        if self._prometheus or self.options.otel:
+            self._instrument(pool, key)
         return pool
 
     def _check(self, pool: GreenPool[Any], key: str | None) -> None:
