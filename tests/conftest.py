@@ -8,7 +8,9 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import hashlib  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -80,7 +82,11 @@ def make_pool(dsn: str, request: pytest.FixtureRequest) -> Iterator[Callable[...
     """Factory for pools named after the test (so backends can be found by
     application_name); every pool is closed at teardown."""
     pools: list[GreenPool] = []
-    base = "gp_" + request.node.name.replace("[", "_").replace("]", "")[:40]
+    # Cut to fit application_name, plus a hash of the whole id: parametrised runs of one
+    # test must not share a name (their backends are found by it).
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:6]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
+    base = f"gp_{name[:40]}_{digest}"
 
     def factory(conninfo: str | None = None, **kwargs: Any) -> GreenPool:
         kwargs.setdefault("name", f"{base}_{len(pools)}")
