@@ -171,3 +171,13 @@ def make_pgbouncer(pg_cluster: PgCluster | None) -> Iterator[Callable[..., Any]]
     finally:
         for bouncer in bouncers:
             bouncer.destroy()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The side-by-side runs (marker ``side_by_side``) only when asked for by ``-m``."""
+    if "side_by_side" in (config.option.markexpr or ""):
+        return
+    keep = [item for item in items if item.get_closest_marker("side_by_side") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep

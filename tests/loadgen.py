@@ -18,7 +18,7 @@ Results: :func:`record_result` prints a scenario's figures and appends one JSON 
 ``$GREENPOOL_FAULT_RESULTS`` (default ``<tmpdir>/greenpool-fault-results.jsonl``);
 ``python -m tests.loadgen render [--compare] [FILE]`` turns the latest line per scenario
 into the Markdown tables of RELIABILITY.md (``--compare``: the side-by-side runs of
-``scripts/compare_psycopg_pool.py``).
+``tests/test_side_by_side.py``).
 """
 
 from __future__ import annotations
@@ -448,7 +448,7 @@ def render(path: Path, *, compare: bool = False) -> str:
     """Markdown table of the latest result per scenario.
 
     Default: the pytest scenarios (pool "greenpool"). ``compare``: the runs of
-    scripts/compare_psycopg_pool.py, greenpool and psycopg_pool side by side.
+    tests/test_side_by_side.py, greenpool and psycopg_pool side by side.
     """
     latest = _latest(path)
     if compare:

@@ -1,40 +1,26 @@
-#!/usr/bin/env python
-"""Run fault scenarios 1, 2, 3 and 5 against greenpool and psycopg_pool, side by side.
+"""Fault scenarios 1, 2, 3 and 5 against greenpool or psycopg_pool, for the side-by-side.
 
-Each (pool, scenario) runs in its own subprocess, which patches gevent first thing,
-starts its own throwaway PostgreSQL cluster on 127.0.0.1 (tests/support/pgcluster.py) and
-drives the pool with the load generator of tests/loadgen.py (200 greenlets, max_size 10).
-The parent bounds every run (``--run-timeout``) and records a run that did not finish as
-such. Results go to the fault results file as JSON lines (pool "greenpool-compare" and
-"psycopg_pool"); ``python -m tests.loadgen render --compare`` prints the table.
-
-Both pools get the same settings; psycopg_pool gets ``check=ConnectionPool.check_connection``
-where greenpool pings connections at checkout, so both verify connections before lending.
-
-Not part of the pytest run::
-
-    python scripts/compare_psycopg_pool.py                 # all scenarios, both pools
-    python scripts/compare_psycopg_pool.py --scenarios 3,5 --pools psycopg_pool
+Run as ``python -m tests.support.side_by_side POOL SCENARIO [--workers N] [--seed S]`` in
+a process of its own (``tests/test_side_by_side.py`` does, one per pool and scenario):
+it patches gevent first thing, starts its own throwaway PostgreSQL, drives the pool with
+the load generator (200 greenlets, max_size 10) and records the figures in the fault
+results file (pool "greenpool-compare" or "psycopg_pool"). Both pools get the same
+settings; psycopg_pool gets ``check=ConnectionPool.check_connection`` where greenpool
+pings connections at checkout, so both verify connections before lending.
 """
 
 from __future__ import annotations
 
-import sys
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
-    from gevent import monkey  # first thing in a child, before anything imports socket
+if __name__ == "__main__":
+    from gevent import monkey  # first thing, before anything imports socket
 
     monkey.patch_all()
 
 import argparse
-import os
-import signal
-import subprocess
+import sys
 import time
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
 POOLS = ("greenpool", "psycopg_pool")
 SCENARIOS = {
     "1": "1. server restart under load",
@@ -45,52 +31,15 @@ SCENARIOS = {
 LABEL = {"greenpool": "greenpool-compare", "psycopg_pool": "psycopg_pool"}
 
 
-# =========================================================================== parent
-
-
-def parent(args: argparse.Namespace) -> int:
-    if args.results:
-        os.environ["GREENPOOL_FAULT_RESULTS"] = args.results
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    failures = 0
-    for scenario in args.scenarios.split(","):
-        for pool in args.pools.split(","):
-            argv = [sys.executable, __file__, "--child", pool, scenario]
-            argv += ["--workers", str(args.workers), "--seed", str(args.seed)]
-            print(f"== {pool}: {SCENARIOS[scenario]}", flush=True)
-            started = time.monotonic()
-            proc = subprocess.Popen(argv, env=env, cwd=REPO, start_new_session=True)
-            try:
-                code = proc.wait(timeout=args.run_timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-                code = None
-            took = time.monotonic() - started
-            if code != 0:
-                failures += 1
-                what = (
-                    f"did not finish within {args.run_timeout:g} s"
-                    if code is None
-                    else (f"child exited with code {code}")
-                )
-                _record_outside(pool, scenario, what)
-            print(f"   ({took:.1f} s, exit {code})", flush=True)
-    return 1 if failures else 0
-
-
-def _record_outside(pool: str, scenario: str, what: str) -> None:
-    sys.path.insert(0, str(REPO))
+def record_outside(pool: str, scenario: str, what: str) -> None:
+    """Record a run that did not finish (from the process that ran it)."""
     from tests.loadgen import record_result
 
     record_result(SCENARIOS[scenario], {"error": what}, pool=LABEL[pool], headline=what)
 
 
-# =========================================================================== child
-
-
 def child(pool_name: str, scenario: str, workers: int, seed: int) -> int:
+    """Run one scenario on one pool against a fresh cluster; record its figures."""
     from tests.support.pgcluster import PgCluster
 
     cluster = PgCluster(max_connections=200)
@@ -446,29 +395,13 @@ class _Runner:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--child"]:
-        parser = argparse.ArgumentParser()
-        parser.add_argument("--child", nargs=2, metavar=("POOL", "SCENARIO"))
-        parser.add_argument("--workers", type=int, default=200)
-        parser.add_argument("--seed", type=int, default=20240601)
-        args = parser.parse_args(argv)
-        pool, scenario = args.child
-        return child(pool, scenario, args.workers, args.seed)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="e.g. 1,3")
-    parser.add_argument("--pools", default=",".join(POOLS))
-    parser.add_argument("--workers", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=20240601)
-    parser.add_argument("--run-timeout", type=float, default=150.0, help="per run, seconds")
-    parser.add_argument("--results", help="results file (default: $GREENPOOL_FAULT_RESULTS)")
-    args = parser.parse_args(argv)
-    for part in args.scenarios.split(","):
-        if part not in SCENARIOS:
-            parser.error(f"unknown scenario {part!r} (choose from {', '.join(SCENARIOS)})")
-    for part in args.pools.split(","):
-        if part not in POOLS:
-            parser.error(f"unknown pool {part!r} (choose from {', '.join(POOLS)})")
-    return parent(args)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("pool", choices=POOLS)
+    ap.add_argument("scenario", choices=sorted(SCENARIOS))
+    ap.add_argument("--workers", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=20240601)
+    args = ap.parse_args(argv)
+    return child(args.pool, args.scenario, args.workers, args.seed)
 
 
 if __name__ == "__main__":
