@@ -3,10 +3,10 @@
 
 Each (pool, scenario) runs in its own subprocess, which patches gevent first thing,
 starts its own throwaway PostgreSQL cluster on 127.0.0.1 (tests/support/pgcluster.py) and
-drives the pool with the load generator of tests/loadgen.py (200 greenlets, max_size 10).
+drives the pool with the load generator of tests/support/loadgen.py (200 greenlets, max_size 10).
 The parent bounds every run (``--run-timeout``) and records a run that did not finish as
 such. Results go to the fault results file as JSON lines (pool "greenpool-compare" and
-"psycopg_pool"); ``python -m tests.loadgen render --compare`` prints the table.
+"psycopg_pool"); ``python -m tests.support.loadgen render --compare`` prints the table.
 
 Both pools get the same settings; psycopg_pool gets ``check=ConnectionPool.check_connection``
 where greenpool pings connections at checkout, so both verify connections before lending.
@@ -82,7 +82,7 @@ def parent(args: argparse.Namespace) -> int:
 
 def _record_outside(pool: str, scenario: str, what: str) -> None:
     sys.path.insert(0, str(REPO))
-    from tests.loadgen import record_result
+    from tests.support.loadgen import record_result
 
     record_result(SCENARIOS[scenario], {"error": what}, pool=LABEL[pool], headline=what)
 
@@ -100,7 +100,7 @@ def child(pool_name: str, scenario: str, workers: int, seed: int) -> int:
         figures, headline = getattr(runner, f"scenario_{scenario}")()
     finally:
         cluster.destroy()
-    from tests.loadgen import record_result
+    from tests.support.loadgen import record_result
 
     record_result(SCENARIOS[scenario], figures, pool=LABEL[pool_name], headline=headline)
     return 0
@@ -165,7 +165,7 @@ class _Runner:
         """After the load: how many of max_size can still be borrowed at once?"""
         import gevent
 
-        from tests.loadgen import wait_for
+        from tests.support.waiting import wait_for
 
         name = pool.app_name
         got: list[Any] = []
@@ -199,7 +199,7 @@ class _Runner:
         return ""
 
     def loadgen(self, pool: Any, **kw: Any) -> Any:
-        from tests.loadgen import LoadGen
+        from tests.support.loadgen import LoadGen
 
         kw.setdefault("workers", self.workers)
         kw.setdefault("seed", self.seed)
@@ -208,7 +208,7 @@ class _Runner:
     # -- 1. restart ---------------------------------------------------------------
 
     def scenario_1(self) -> tuple[dict[str, Any], str]:
-        from tests.loadgen import wait_for
+        from tests.support.waiting import wait_for
 
         cluster, timeout = self.cluster, 1.0
         pool = self.make(
@@ -253,7 +253,7 @@ class _Runner:
     def scenario_2(self) -> tuple[dict[str, Any], str]:
         import gevent
 
-        from tests.loadgen import wait_for
+        from tests.support.waiting import wait_for
 
         cluster = self.cluster
         pool = self.make(cluster.dsn(), check=True, min_size=self.MAX, max_size=self.MAX, timeout=5)
@@ -297,8 +297,9 @@ class _Runner:
     def scenario_3(self) -> tuple[dict[str, Any], str]:
         import gevent
 
-        from tests.loadgen import HUNG, wait_for
         from tests.support.faultproxy import FaultProxy
+        from tests.support.loadgen import HUNG
+        from tests.support.waiting import wait_for
 
         cluster = self.cluster
         timeout = query_timeout = 1.0

@@ -1,10 +1,10 @@
 """Fault scenarios against a real server: restarts, terminated backends, black holes,
 refused connections, kills at random points, a slow server and a mixed soak.
 
-Each scenario runs the bounded load generator of ``tests/loadgen.py`` (200 greenlets over
+Each scenario runs the bounded load generator of ``tests/support/loadgen.py`` (200 greenlets over
 a pool of max 10 by default), asserts what greenpool guarantees, and reports its figures:
 printed, and appended as a JSON line to ``$GREENPOOL_FAULT_RESULTS`` (see RELIABILITY.md,
-whose table is rendered from that file by ``python -m tests.loadgen render``).
+whose table is rendered from that file by ``python -m tests.support.loadgen render``).
 
 Network faults go through the in-process :class:`~tests.support.faultproxy.FaultProxy`;
 server faults use the private cluster (these tests need it: they are skipped when
@@ -31,7 +31,8 @@ import pytest
 from gevent.event import Event
 
 from greenpool import ConnectError, GreenPool, PoolTimeout
-from tests.loadgen import (
+from tests.support.faultproxy import FaultProxy
+from tests.support.loadgen import (
     CUT,
     HUNG,
     KILLED,
@@ -39,10 +40,9 @@ from tests.loadgen import (
     LoadGen,
     record_result,
     rss_mb,
-    wait_for,
 )
-from tests.support.faultproxy import FaultProxy
 from tests.support.pgcluster import PgCluster
+from tests.support.waiting import wait_for
 
 WORKERS = int(os.environ.get("GREENPOOL_FAULT_WORKERS", "200"))
 SOAK_SECONDS = float(os.environ.get("GREENPOOL_SOAK_SECONDS", "60"))

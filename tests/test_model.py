@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from greenpool import GreenPool, PoolClosed, PoolError, PoolTimeout, TooManyRequests
 from greenpool.drivers.base import ConnState
-from tests.fakedriver import FakeConn, FakeDriver
+from tests.support.fakedriver import FakeConn, FakeDriver
 
 EXPECTED_ACQUIRE_ERRORS = (PoolTimeout, PoolClosed, TooManyRequests)
 

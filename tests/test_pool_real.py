@@ -15,19 +15,10 @@ import pytest
 import greenpool.fork
 from greenpool import ConnectError, GreenPool, PoolClosed, PoolError, PoolTimeout
 from tests.support.pgcluster import PW_PASSWORD, PW_USER, PgCluster
+from tests.support.waiting import wait_for
 
 Factory = Callable[..., GreenPool]
 DRIVERS = ["psycopg", "psycopg2"]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> bool:
-    """Poll a condition with a deadline (for server-side effects that have no event)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        gevent.sleep(step)
-    return predicate()
 
 
 def assert_consistent(pool: GreenPool) -> dict[str, Any]:
@@ -237,7 +228,7 @@ def test_thousands_of_killed_or_timed_out_waiters_leak_nothing(
             batch = []
     gevent.joinall(batch)
     assert kills > 500
-    assert wait_until(lambda: pool.stats()["acquired"] == 0 and pool.stats()["closing"] == 0)
+    wait_for(lambda: pool.stats()["acquired"] == 0 and pool.stats()["closing"] == 0)
     s = assert_consistent(pool)
     assert s["waiting"] == 0 and s["total"] <= 3, s
     held = [pool.getconn(timeout=10) for _ in range(3)]  # every slot still usable
@@ -264,10 +255,12 @@ def test_borrower_dying_mid_query_discards_and_cancels_on_server(
             run_query(conn, "SELECT pg_sleep(30)")
 
     g = gevent.spawn(borrower)
-    assert wait_until(lambda: len(admin.active_queries(pool.name)) == 1)
+    wait_for(lambda: len(admin.active_queries(pool.name)) == 1)
     g.kill(gevent.Timeout() if how == "timeout" else gevent.GreenletExit(), block=True)
-    assert wait_until(lambda: not admin.active_queries(pool.name), timeout=10), (
-        "query still running on the server after the borrower died"
+    wait_for(
+        lambda: not admin.active_queries(pool.name),
+        timeout=10,
+        what="the query to stop on the server after the borrower died",
     )
     with pool.connection(timeout=10) as conn:
         assert backend_pid(conn) != pids[0], "the dirty connection was reused"
@@ -358,8 +351,8 @@ def test_health_check_replaces_dead_idle_connections_by_itself(
     pool = make_pool(min_size=2, max_size=2, health_check_period=0.2)
     pool.wait(10)
     admin.terminate_backends(pool.name)
-    assert wait_until(lambda: pool.stats()["check_failed_count"] >= 2)
-    assert wait_until(lambda: admin.backend_count(pool.name) == 2)
+    wait_for(lambda: pool.stats()["check_failed_count"] >= 2)
+    wait_for(lambda: admin.backend_count(pool.name) == 2)
     assert pool.stats()["acquire_count"] == 0  # nobody had to ask
     assert pool.check() == 0  # check() on healthy connections replaces nothing
 
@@ -390,7 +383,7 @@ def test_pool_recovers_by_itself_after_a_server_restart(
     assert len(errors) <= 3, errors
     cluster.start()
     back = time.monotonic()
-    assert wait_until(lambda: cluster.backend_count(pool.name) == 2, timeout=15)
+    wait_for(lambda: cluster.backend_count(pool.name) == 2, timeout=15)
     recovery = time.monotonic() - back
     with pool.connection(timeout=5) as conn:
         assert run_query(conn, "SELECT 1") == [(1,)]
@@ -436,9 +429,9 @@ def test_idle_connections_above_min_size_are_reaped(make_pool: Factory, admin: P
     for conn in held:
         pool.putconn(conn)
     assert pool.stats()["total"] == 4
-    assert wait_until(lambda: pool.stats()["total"] == 1, timeout=5)
+    wait_for(lambda: pool.stats()["total"] == 1, timeout=5)
     assert pool.stats()["idle_destroy_count"] == 3
-    assert wait_until(lambda: admin.backend_count(pool.name) == 1)
+    wait_for(lambda: admin.backend_count(pool.name) == 1)
 
 
 def test_connections_are_retired_at_max_lifetime_with_jitter(make_pool: Factory) -> None:
@@ -452,8 +445,8 @@ def test_connections_are_retired_at_max_lifetime_with_jitter(make_pool: Factory)
         conn = pool.getconn()
         first_pids.add(backend_pid(conn))
         pool.putconn(conn)
-    assert wait_until(lambda: pool.stats()["lifetime_destroy_count"] >= 3, timeout=5)
-    assert wait_until(lambda: pool.stats()["total"] == 3)
+    wait_for(lambda: pool.stats()["lifetime_destroy_count"] >= 3, timeout=5)
+    wait_for(lambda: pool.stats()["total"] == 3)
     conn = pool.getconn(timeout=10)
     assert backend_pid(conn) not in first_pids
     pool.putconn(conn)
@@ -463,13 +456,13 @@ def test_resize_grows_and_shrinks(make_pool: Factory, admin: PgCluster) -> None:
     pool = make_pool(min_size=1, max_size=2)
     pool.wait(10)
     pool.resize(4, 6)
-    assert wait_until(lambda: admin.backend_count(pool.name) == 4)
+    wait_for(lambda: admin.backend_count(pool.name) == 4)
     held = [pool.getconn(timeout=10) for _ in range(6)]
     pool.resize(1, 2)
     for conn in held:
         pool.putconn(conn)  # surplus ones are closed as they come back
     assert pool.stats()["total"] <= 2
-    assert wait_until(lambda: admin.backend_count(pool.name) <= 2)
+    wait_for(lambda: admin.backend_count(pool.name) <= 2)
     with pytest.raises(ValueError, match="min_size"):
         pool.resize(3, 2)
     assert pool.max_size == 2
@@ -485,7 +478,7 @@ def test_drain_replaces_every_connection(make_pool: Factory, admin: PgCluster) -
     assert not idle_now & old
     assert run_query(lent, "SELECT 1") == [(1,)]  # a borrowed one keeps working...
     pool.putconn(lent)  # ...and is retired when it comes back
-    assert wait_until(lambda: admin.backend_count(pool.name) == 3)
+    wait_for(lambda: admin.backend_count(pool.name) == 3)
     pids = set()
     for _ in range(3):
         conn = pool.getconn(timeout=10)
@@ -501,10 +494,10 @@ def test_reset_closes_everything_and_reconnects(make_pool: Factory, admin: PgClu
     old_pid = backend_pid(lent)
     pool.reconnect_all()
     pool.putconn(lent)
-    assert wait_until(lambda: pool.stats()["idle"] == 2)
+    wait_for(lambda: pool.stats()["idle"] == 2)
     pids = {int(r.conn.info.backend_pid) for r in pool._idle}
     assert old_pid not in pids
-    assert wait_until(lambda: admin.backend_count(pool.name) == 2)
+    wait_for(lambda: admin.backend_count(pool.name) == 2)
 
 
 def test_close_with_borrowed_connections(make_pool: Factory, admin: PgCluster) -> None:
@@ -523,7 +516,7 @@ def test_close_with_borrowed_connections(make_pool: Factory, admin: PgCluster) -
     pool.putconn(lent)
     pool.putconn(other)
     assert lent.closed and other.closed
-    assert wait_until(lambda: admin.backend_count(pool.name) == 0)
+    wait_for(lambda: admin.backend_count(pool.name) == 0)
     with pytest.raises(PoolClosed):
         pool.getconn()
 

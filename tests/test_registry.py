@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import gevent
@@ -14,15 +14,8 @@ import pytest
 import greenpool
 from greenpool import GreenPool, PoolTimeout
 from greenpool.registry import registered_pools
-from tests.fakedriver import FakeDriver
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        gevent.sleep(0.005)
+from tests.support.fakedriver import FakeDriver
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -121,7 +114,7 @@ def test_try_now_acquire_on_an_empty_pool_fails_at_once_but_starts_growing() -> 
         with pytest.raises(PoolTimeout):
             pool.getconn(timeout=0)
         assert time.monotonic() - start < 0.5
-        wait_until(lambda: pool.stats()["idle"] >= 1, timeout=2)
+        wait_for(lambda: pool.stats()["idle"] >= 1, timeout=2)
         conn = pool.getconn(timeout=0)
         pool.putconn(conn)
     finally:
@@ -134,11 +127,11 @@ def test_min_idle_is_refilled_by_the_checkout_not_the_next_tick() -> None:
         "", driver=driver, min_size=0, max_size=5, min_idle=2, open=True
     )
     try:
-        wait_until(lambda: pool.stats()["idle"] == 2, timeout=2)
+        wait_for(lambda: pool.stats()["idle"] == 2, timeout=2)
         gevent.sleep(0)  # let the maintenance greenlet settle into its 1 s wait
         start = time.monotonic()
         held = pool.getconn(timeout=1)
-        wait_until(lambda: pool.stats()["idle"] == 2, timeout=2)
+        wait_for(lambda: pool.stats()["idle"] == 2, timeout=2)
         refill = time.monotonic() - start
         # The maintenance greenlet would take up to its 1 s interval.
         assert refill < 0.5, f"refilled after {refill:.3f} s: by the maintenance tick"

@@ -33,7 +33,7 @@ import psycopg
 import pytest
 
 from greenpool import ConnectError, GreenPool, PoolError
-from tests.loadgen import record_result
+from tests.support.loadgen import record_result
 from tests.support.pgcluster import (
     APP_PASSWORD,
     APP_USER,

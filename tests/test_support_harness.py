@@ -14,7 +14,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from tests.support.pgcluster import (
     PgBinariesNotFoundError,
     PgCluster,
 )
+from tests.support.waiting import wait_for
 
 APP = "harness-test"
 
@@ -69,16 +70,6 @@ def _proxied_dsn(cluster: PgCluster, proxy: FaultProxy, **extra: Any) -> str:
         sslmode="disable",
         **extra,
     )
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Test-side polling (the harness itself never polls)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        gevent.sleep(0.02)
-    return predicate()
 
 
 def _select_one(conn: psycopg.Connection[tuple[object, ...]]) -> object:
@@ -154,7 +145,7 @@ def test_active_queries(cluster: PgCluster) -> None:
     conn = psycopg.connect(cluster.dsn(APP_USER, APP_PASSWORD, application_name=app))
     try:
         sleeper = gevent.spawn(conn.execute, "SELECT pg_sleep(30)")
-        assert _wait_for(lambda: len(cluster.active_queries(app)) == 1)
+        wait_for(lambda: len(cluster.active_queries(app)) == 1)
         (active,) = cluster.active_queries(app)
         assert "pg_sleep" in active.query
         assert active.application_name == app
@@ -239,7 +230,7 @@ def test_proxy_forwards(cluster: PgCluster, proxy: FaultProxy) -> None:
         assert proxy.connection_count == 1
         assert proxy.total_connections == 1
         assert cluster.backend_count(APP) == 1
-    assert _wait_for(lambda: proxy.connection_count == 0)
+    wait_for(lambda: proxy.connection_count == 0)
     assert proxy.total_connections == 1
 
 
@@ -297,7 +288,7 @@ def test_proxy_raw_latency_order_and_half_close(echo_server: StreamServer) -> No
             elapsed = time.monotonic() - t0
         assert received == b"first;second;"
         assert 0.3 <= elapsed < 2.0, elapsed
-        assert _wait_for(lambda: fp.connection_count == 0)
+        wait_for(lambda: fp.connection_count == 0)
 
 
 def test_proxy_blackhole(cluster: PgCluster, proxy: FaultProxy) -> None:
@@ -339,7 +330,7 @@ def test_proxy_reset_all(cluster: PgCluster, proxy: FaultProxy) -> None:
             conn.execute("SELECT 1")
     finally:
         conn.close()
-    assert _wait_for(lambda: cluster.backend_count(APP) == 0)
+    wait_for(lambda: cluster.backend_count(APP) == 0)
     with psycopg.connect(_proxied_dsn(cluster, proxy)) as conn2:  # not sticky
         assert _select_one(conn2) == 1
 
@@ -376,7 +367,7 @@ def test_proxy_upstream_down(cluster: PgCluster) -> None:
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(_proxied_dsn(cluster, fp))
         assert time.monotonic() - t0 < 2.0
-        assert _wait_for(lambda: fp.connection_count == 0)
+        wait_for(lambda: fp.connection_count == 0)
 
 
 def test_proxy_stop_kills_everything(cluster: PgCluster) -> None:

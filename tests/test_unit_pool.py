@@ -6,7 +6,7 @@ import gevent
 import pytest
 
 from greenpool import GreenPool, PoolClosed, PoolError, PoolTimeout, TooManyRequests
-from tests.fakedriver import FakeDriver
+from tests.support.fakedriver import FakeDriver
 
 
 def make(driver: FakeDriver | None = None, **kw: object) -> tuple[GreenPool, FakeDriver]:

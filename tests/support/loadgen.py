@@ -16,7 +16,7 @@ worker (``duplicated``) and is clean (``bad_state``: not idle, closed or broken)
 
 Results: :func:`record_result` prints a scenario's figures and appends one JSON line to
 ``$GREENPOOL_FAULT_RESULTS`` (default ``<tmpdir>/greenpool-fault-results.jsonl``);
-``python -m tests.loadgen render [--compare] [FILE]`` turns the latest line per scenario
+``python -m tests.support.loadgen render [--compare] [FILE]`` turns the latest line per scenario
 into the Markdown tables of RELIABILITY.md (``--compare``: the side-by-side runs of
 ``scripts/compare_psycopg_pool.py``).
 """
@@ -356,20 +356,6 @@ class LoadGen:
 # --------------------------------------------------------------------------- helpers
 
 
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.02, what: str = ""
-) -> float:
-    """Poll ``predicate`` until true (returns the seconds it took) or fail after ``timeout``."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while True:
-        if predicate():
-            return time.monotonic() - start
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or predicate}")
-        gevent.sleep(interval)
-
-
 def rss_mb() -> float:
     """Resident set size of this process in MiB (Linux)."""
     with open("/proc/self/statm") as f:
@@ -482,7 +468,8 @@ def render(path: Path, *, compare: bool = False) -> str:
 def main(argv: list[str]) -> int:
     args = list(argv)
     if not args or args[0] != "render":
-        print("usage: python -m tests.loadgen render [--compare] [RESULTS.jsonl]", file=sys.stderr)
+        usage = "usage: python -m tests.support.loadgen render [--compare] [RESULTS.jsonl]"
+        print(usage, file=sys.stderr)
         return 2
     compare = "--compare" in args
     rest = [a for a in args[1:] if a != "--compare"]
