@@ -14,6 +14,7 @@ import pytest
 
 import greenpool.fork
 from greenpool import ConnectError, GreenPool, PoolClosed, PoolError, PoolTimeout
+from tests.support.hygiene import outcome
 from tests.support.pgcluster import PW_PASSWORD, PW_USER, PgCluster
 from tests.support.waiting import wait_for
 
@@ -206,8 +207,11 @@ def test_thousands_of_killed_or_timed_out_waiters_leak_nothing(
     kills = 0
 
     def borrower() -> None:
-        with pool.connection() as conn:
-            run_query(conn, "SELECT 1")
+        try:
+            with pool.connection() as conn:
+                run_query(conn, "SELECT 1")
+        except (PoolTimeout, gevent.Timeout):
+            pass  # timed out by the pool, or killed with a Timeout by the test
 
     deadline = time.monotonic() + 20
     batch: list[gevent.Greenlet] = []
@@ -224,9 +228,9 @@ def test_thousands_of_killed_or_timed_out_waiters_leak_nothing(
                 g.kill(gevent.Timeout(), block=False)
             kills += 1
         if len(batch) >= 20:
-            gevent.joinall(batch)
+            gevent.joinall(batch, raise_error=True)
             batch = []
-    gevent.joinall(batch)
+    gevent.joinall(batch, raise_error=True)
     assert kills > 500
     wait_for(lambda: pool.stats()["acquired"] == 0 and pool.stats()["closing"] == 0)
     s = assert_consistent(pool)
@@ -254,9 +258,11 @@ def test_borrower_dying_mid_query_discards_and_cancels_on_server(
             pids.append(backend_pid(conn))
             run_query(conn, "SELECT pg_sleep(30)")
 
-    g = gevent.spawn(borrower)
+    g = gevent.spawn(outcome, borrower)
     wait_for(lambda: len(admin.active_queries(pool.name)) == 1)
-    g.kill(gevent.Timeout() if how == "timeout" else gevent.GreenletExit(), block=True)
+    interrupt = gevent.Timeout() if how == "timeout" else gevent.GreenletExit()
+    g.kill(interrupt, block=True)
+    assert g.value is interrupt, g.value  # it reached the borrower, nothing swallowed it
     wait_for(
         lambda: not admin.active_queries(pool.name),
         timeout=10,
@@ -504,14 +510,13 @@ def test_close_with_borrowed_connections(make_pool: Factory, admin: PgCluster) -
     pool = make_pool(min_size=2, max_size=2)
     pool.wait(10)
     lent = pool.getconn()
-    waiter = gevent.spawn(pool.getconn, 10)
     other = pool.getconn()
-    gevent.sleep(0.01)
+    waiter = gevent.spawn(outcome, pool.getconn, 10)
+    wait_for(lambda: pool.stats()["waiting"] == 1, what="the waiter to queue")
     start = time.monotonic()
     pool.close(timeout=0.2)
     assert time.monotonic() - start < 1
-    waiter.join(1)
-    assert isinstance(waiter.exception, PoolClosed)
+    assert isinstance(waiter.get(timeout=1), PoolClosed)
     assert admin.backend_count(pool.name) == 2  # borrowed ones are not yanked away
     pool.putconn(lent)
     pool.putconn(other)

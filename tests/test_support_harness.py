@@ -25,6 +25,7 @@ from gevent.server import StreamServer
 
 from tests.support import pgcluster
 from tests.support.faultproxy import FaultProxy
+from tests.support.hygiene import outcome
 from tests.support.pgcluster import (
     APP_PASSWORD,
     APP_USER,
@@ -144,14 +145,13 @@ def test_active_queries(cluster: PgCluster) -> None:
     app = "harness-active"
     conn = psycopg.connect(cluster.dsn(APP_USER, APP_PASSWORD, application_name=app))
     try:
-        sleeper = gevent.spawn(conn.execute, "SELECT pg_sleep(30)")
+        sleeper = gevent.spawn(outcome, conn.execute, "SELECT pg_sleep(30)")
         wait_for(lambda: len(cluster.active_queries(app)) == 1)
         (active,) = cluster.active_queries(app)
         assert "pg_sleep" in active.query
         assert active.application_name == app
         assert cluster.terminate_backends(app) == 1
-        sleeper.join(timeout=5)
-        assert isinstance(sleeper.exception, psycopg.OperationalError)
+        assert isinstance(sleeper.get(timeout=5), psycopg.OperationalError)
         assert cluster.active_queries(app) == []
     finally:
         conn.close()
