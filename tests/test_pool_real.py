@@ -11,22 +11,17 @@ from typing import Any
 
 import gevent
 import pytest
+from gevent.event import Event
 
 import greenpool.fork
 from greenpool import ConnectError, GreenPool, PoolClosed, PoolError, PoolTimeout
 from tests.support.hygiene import outcome
+from tests.support.invariants import backend_pids, backends_within_max, settled
 from tests.support.pgcluster import PW_PASSWORD, PW_USER, PgCluster
 from tests.support.waiting import wait_for
 
 Factory = Callable[..., GreenPool]
 DRIVERS = ["psycopg", "psycopg2"]
-
-
-def assert_consistent(pool: GreenPool) -> dict[str, Any]:
-    s = pool.stats()
-    assert s["total"] == s["idle"] + s["acquired"] + s["constructing"], s
-    assert s["total"] + s["closing"] <= s["max_size"] or s["acquired"] > s["max_size"], s
-    return s
 
 
 def backend_pid(conn: Any) -> int:
@@ -140,12 +135,12 @@ def test_never_more_than_max_size_backends_under_a_slow_connect(
 
     pool = make_pool(min_size=0, max_size=4, configure=slow_configure, max_connecting=4)
     seen: list[int] = []
-    stop = False
+    stop = Event()
 
     def sampler() -> None:
-        while not stop:
-            seen.append(admin.backend_count(pool.name))
-            assert_consistent(pool)
+        while not stop.is_set():
+            seen.append(backends_within_max(pool, admin))
+            stop.wait(0.005)
 
     def borrower() -> None:
         for _ in range(3):
@@ -153,11 +148,14 @@ def test_never_more_than_max_size_backends_under_a_slow_connect(
                 run_query(conn, "SELECT pg_sleep(0.01)")
 
     sample = gevent.spawn(sampler)
-    gevent.joinall([gevent.spawn(borrower) for _ in range(50)], raise_error=True)
-    stop = True
-    sample.join()
-    assert max(seen) <= 4, seen
+    try:
+        gevent.joinall([gevent.spawn(borrower) for _ in range(50)], raise_error=True)
+    finally:
+        stop.set()
+    sample.get(timeout=10)  # its asserts count
+    assert len(seen) > 10 and max(seen) == 4, seen
     assert pool.stats()["new_conns_count"] == 4
+    settled(pool, admin)
 
 
 def test_waiters_are_served_in_arrival_order(make_pool: Factory) -> None:
@@ -181,7 +179,9 @@ def test_waiters_are_served_in_arrival_order(make_pool: Factory) -> None:
     assert order == list(range(30))
 
 
-def test_timeouts_and_max_waiting_with_a_real_server(make_pool: Factory) -> None:
+def test_timeouts_and_max_waiting_with_a_real_server(
+    make_pool: Factory, admin: PgCluster
+) -> None:
     from greenpool import TooManyRequests
 
     pool = make_pool(min_size=1, max_size=1, max_waiting=1)
@@ -196,7 +196,7 @@ def test_timeouts_and_max_waiting_with_a_real_server(make_pool: Factory) -> None
         pool.getconn(timeout=10)
     pool.putconn(conn)
     pool.putconn(waiter.get(timeout=5))
-    assert_consistent(pool)
+    settled(pool, admin)
 
 
 def test_thousands_of_killed_or_timed_out_waiters_leak_nothing(
@@ -232,8 +232,7 @@ def test_thousands_of_killed_or_timed_out_waiters_leak_nothing(
             batch = []
     gevent.joinall(batch, raise_error=True)
     assert kills > 500
-    wait_for(lambda: pool.stats()["acquired"] == 0 and pool.stats()["closing"] == 0)
-    s = assert_consistent(pool)
+    s = settled(pool, admin)
     assert s["waiting"] == 0 and s["total"] <= 3, s
     held = [pool.getconn(timeout=10) for _ in range(3)]  # every slot still usable
     for conn in held:
@@ -271,7 +270,7 @@ def test_borrower_dying_mid_query_discards_and_cancels_on_server(
     with pool.connection(timeout=10) as conn:
         assert backend_pid(conn) != pids[0], "the dirty connection was reused"
         assert run_query(conn, "SELECT 1") == [(1,)]
-    s = assert_consistent(pool)
+    s = settled(pool, admin)
     assert s["broken_destroy_count"] == 1, s
     # psycopg 3 leaves the connection ACTIVE and the pool cancels; psycopg2 closes it
     # itself, so greenpool's wait callback cancels before that happens.
@@ -316,7 +315,7 @@ def test_release_in_each_transaction_state(
     assert backend_pid(conn) != pid
     pool.putconn(conn)
     assert pool.stats()["rollback_count"] == 3  # the SELECT 2 opened a transaction too
-    assert_consistent(pool)
+    settled(pool, admin)
 
 
 def test_connection_context_commits_or_rolls_back(
@@ -333,7 +332,7 @@ def test_connection_context_commits_or_rolls_back(
         with contextlib.suppress(Exception):  # swallowed: the block must not commit
             run_query(conn, "SELECT 1/0")
     assert admin.execute(f"SELECT v FROM {table} ORDER BY v") == [(1,)]
-    assert_consistent(pool)
+    settled(pool, admin)
 
 
 # ---------------------------------------------------------------- server-side faults
@@ -394,7 +393,7 @@ def test_pool_recovers_by_itself_after_a_server_restart(
     with pool.connection(timeout=5) as conn:
         assert run_query(conn, "SELECT 1") == [(1,)]
     assert recovery < 10, recovery
-    assert_consistent(pool)
+    settled(pool, cluster)
 
 
 def test_wrong_password_fails_fast_at_open(pg_cluster: PgCluster | None) -> None:
@@ -440,22 +439,43 @@ def test_idle_connections_above_min_size_are_reaped(make_pool: Factory, admin: P
     wait_for(lambda: admin.backend_count(pool.name) == 1)
 
 
-def test_connections_are_retired_at_max_lifetime_with_jitter(make_pool: Factory) -> None:
-    pool = make_pool(min_size=3, max_size=3, max_lifetime=0.6, max_lifetime_jitter=0.3)
+def test_connections_are_retired_at_max_lifetime_with_jitter(
+    make_pool: Factory, admin: PgCluster
+) -> None:
+    """Each backend's life, as the server saw it, ends within [max_lifetime - jitter,
+    max_lifetime] (plus a maintenance tick), and the jitter spreads the ends out."""
+    n, lifetime, jitter = 6, 1.0, 0.6
+    # health_check_period=0.1: the maintenance greenlet wakes every 100 ms.
+    pool = make_pool(
+        min_size=n, max_size=n, max_lifetime=lifetime, max_lifetime_jitter=jitter,
+        health_check_period=0.1,
+    )  # fmt: skip
     pool.wait(10)
-    expiries = [rec.expires_at - rec.created for rec in pool._idle]
-    assert all(0.3 <= e <= 0.6 for e in expiries), expiries
-    assert len(set(expiries)) == 3, "jitter should spread expiry times"
-    first_pids = set()
-    for _ in range(3):
-        conn = pool.getconn()
-        first_pids.add(backend_pid(conn))
-        pool.putconn(conn)
-    wait_for(lambda: pool.stats()["lifetime_destroy_count"] >= 3, timeout=5)
-    wait_for(lambda: pool.stats()["total"] == 3)
-    conn = pool.getconn(timeout=10)
-    assert backend_pid(conn) not in first_pids
-    pool.putconn(conn)
+    ages: dict[tuple[int, Any], float] = {}  # (pid, backend_start) -> age when last seen
+
+    def originals_gone() -> bool:
+        rows = admin.execute(
+            "SELECT pid, backend_start, extract(epoch FROM clock_timestamp() - backend_start)"
+            " FROM pg_stat_activity WHERE application_name = %s",
+            [pool.name],
+        )
+        alive = {(int(pid), start): float(age) for pid, start, age in rows}
+        if not ages:
+            ages.update(alive)
+            assert len(ages) == n, ages
+        for key in ages.keys() & alive.keys():
+            ages[key] = alive[key]
+        return not ages.keys() & alive.keys()
+
+    wait_for(originals_gone, 10, interval=0.02, what="every first backend to retire")
+    lived = sorted(ages.values())
+    # Last seen alive at these ages: a backend ends at most one poll (plus the query)
+    # after; the pool retires it at its first maintenance tick past its own lifetime.
+    assert lived[0] >= lifetime - jitter - 0.15, lived
+    assert lived[-1] <= 2 * lifetime, lived
+    assert lived[-1] - lived[0] >= 0.05, f"no jitter: every backend retired together {lived}"
+    assert pool.stats()["lifetime_destroy_count"] >= n
+    settled(pool, admin)
 
 
 def test_resize_grows_and_shrinks(make_pool: Factory, admin: PgCluster) -> None:
@@ -478,32 +498,50 @@ def test_drain_replaces_every_connection(make_pool: Factory, admin: PgCluster) -
     pool = make_pool(min_size=3, max_size=3)
     pool.wait(10)
     lent = pool.getconn()
-    old = {backend_pid(lent)} | {int(r.conn.info.backend_pid) for r in pool._idle}
+    lent_pid = backend_pid(lent)
+    old = backend_pids(admin, pool.name)
+    assert len(old) == 3 and lent_pid in old, old
     pool.drain(timeout=10)
-    idle_now = {int(r.conn.info.backend_pid) for r in pool._idle}
-    assert not idle_now & old
-    assert run_query(lent, "SELECT 1") == [(1,)]  # a borrowed one keeps working...
-    pool.putconn(lent)  # ...and is retired when it comes back
-    wait_for(lambda: admin.backend_count(pool.name) == 3)
-    pids = set()
-    for _ in range(3):
-        conn = pool.getconn(timeout=10)
-        pids.add(backend_pid(conn))
-    assert not pids & old
-    assert_consistent(pool)
+    # The idle ones were replaced (the server sees them go); the borrowed one stays...
+    wait_for(
+        lambda: backend_pids(admin, pool.name) & old == {lent_pid}
+        and len(backend_pids(admin, pool.name)) == 3,
+        what="the idle backends to be replaced",
+    )
+    assert run_query(lent, "SELECT 1") == [(1,)]  # ...and keeps working...
+    pool.putconn(lent)  # ...until it comes back: then it is retired too
+    wait_for(
+        lambda: not backend_pids(admin, pool.name) & old
+        and len(backend_pids(admin, pool.name)) == 3,
+        what="the returned old backend to be replaced",
+    )
+    conns = [pool.getconn(timeout=10) for _ in range(3)]
+    assert not {backend_pid(c) for c in conns} & old
+    for conn in conns:
+        pool.putconn(conn)
+    settled(pool, admin)
 
 
-def test_reset_closes_everything_and_reconnects(make_pool: Factory, admin: PgCluster) -> None:
+def test_reconnect_all_closes_everything_and_reconnects(
+    make_pool: Factory, admin: PgCluster
+) -> None:
     pool = make_pool(min_size=2, max_size=2)
     pool.wait(10)
     lent = pool.getconn()
-    old_pid = backend_pid(lent)
+    old = backend_pids(admin, pool.name)
+    assert len(old) == 2, old
     pool.reconnect_all()
+    wait_for(  # the idle one is closed at once, the borrowed one stays
+        lambda: backend_pids(admin, pool.name) & old == {backend_pid(lent)},
+        what="the idle backend to be closed",
+    )
     pool.putconn(lent)
-    wait_for(lambda: pool.stats()["idle"] == 2)
-    pids = {int(r.conn.info.backend_pid) for r in pool._idle}
-    assert old_pid not in pids
-    wait_for(lambda: admin.backend_count(pool.name) == 2)
+    wait_for(
+        lambda: not backend_pids(admin, pool.name) & old
+        and len(backend_pids(admin, pool.name)) == 2,
+        what="every old backend to be replaced",
+    )
+    settled(pool, admin)
 
 
 def test_close_with_borrowed_connections(make_pool: Factory, admin: PgCluster) -> None:
