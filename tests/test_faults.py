@@ -53,24 +53,6 @@ MAX = 10
 # running 200 greenlets, the proxy and the server.
 MARGIN = 0.25
 
-# Open pool bugs (RELIABILITY.md, "Open issues"). Their targeted tests are
-# xfail(strict=True): when a fix lands they XPASS and fail, so remove the mark then.
-BUG_SHORT_PING = (
-    "pool bug: a checkout ping cut short by the borrower's deadline discards the "
-    "connection, so a short acquire timeout destroys healthy connections"
-)
-BUG_SWALLOWED_KILL = (
-    "pool bug: a kill or gevent.Timeout during the checkout ping or the reset on release "
-    "is swallowed (psycopg 3 driver restores autocommit in a finally on an ACTIVE "
-    "connection, raising ProgrammingError instead)"
-)
-BUG_PSYCOPG2_CANCEL = (
-    "pool bug: psycopg2's conn.cancel() runs PQcancel holding the GIL; in gevent's "
-    "thread pool it still stops every greenlet (forever on a black-holed network)"
-)
-# The chaos scenarios report swallowed kills; they require none once this is False.
-SWALLOWED_KILLS_OPEN = False
-
 Factory = Callable[..., GreenPool]
 
 
@@ -720,8 +702,7 @@ def test_kills_and_timeouts_at_random_points(cluster: PgCluster, make_pool: Fact
         rerun=rerun(),
     )
     assert kills >= 1000 and cuts >= 1000, (kills, cuts)
-    if not SWALLOWED_KILLS_OPEN:
-        assert swallowed == 0, f"{swallowed} kills were swallowed by the pool"
+    assert swallowed == 0, f"{swallowed} kills were swallowed by the pool"
 
 
 def _wait_active(conn: Any) -> None:
@@ -1120,6 +1101,5 @@ def test_soak_mixed_faults(cluster: PgCluster, proxy: FaultProxy, make_pool: Fac
     assert not unexpected, (unexpected, lg.errors_seen)
     assert not over_wait, f"an acquire took {waits.max:.2f} s (timeout {timeout:g} s)"
     assert latency.max <= timeout + query_timeout + MARGIN, latency.summary()
-    if not SWALLOWED_KILLS_OPEN:
-        assert injected.get("kills_swallowed", 0) == 0, injected
+    assert injected.get("kills_swallowed", 0) == 0, injected
     assert rss_end - rss_start <= 25, (rss_start, rss_end)
