@@ -25,6 +25,10 @@ class Server(Protocol):
         self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None
     ) -> list[tuple[Any, ...]]: ...
 
+    def active_queries(self, application_name: str | None = None) -> list[Any]: ...
+
+    def terminate_backends(self, application_name: str) -> int: ...
+
 
 def backend_pids(server: Server, application_name: str) -> set[int]:
     """The pids of the server's client backends with this application_name."""
