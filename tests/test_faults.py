@@ -647,7 +647,9 @@ def chaos_query(rng: random.Random) -> Callable[[Any], None]:
 
 @pytest.mark.slow
 def test_kills_and_timeouts_at_random_points(cluster: PgCluster, make_pool: Factory) -> None:
-    duration = 8.0
+    # Runs until enough kills and timeouts happened (about 8 s on an idle 2-core machine),
+    # not for a fixed time: a loaded machine takes longer but checks as much.
+    wanted, limit = 1000, 90.0
     rng = random.Random(SEED)
     pool = make_pool(
         min_size=2,
@@ -663,17 +665,20 @@ def test_kills_and_timeouts_at_random_points(cluster: PgCluster, make_pool: Fact
         pool,
         workers=WORKERS,
         timeout=0.5,
-        duration=duration + 30,
+        duration=limit + 30,
         query=chaos_query(rng),
         cut=lambda r: r.uniform(0.0, 0.03) if r.random() < 0.3 else None,
         seed=SEED,
     ).start()
     kills = swallowed = 0
-    t_end = time.monotonic() + duration
+    t0 = time.monotonic()
     try:
-        for _ in range(100_000):
-            if time.monotonic() >= t_end:
+        for _ in range(1_000_000):
+            if kills >= wanted and lg.outcomes()[CUT] >= wanted:
                 break
+            assert time.monotonic() - t0 < limit, (
+                f"only {kills} kills and {lg.outcomes()[CUT]} timeouts in {limit:g} s"
+            )
             gevent.sleep(rng.uniform(0, 0.004))
             i = rng.randrange(WORKERS)
             victim = lg.greenlet(i)
@@ -693,6 +698,7 @@ def test_kills_and_timeouts_at_random_points(cluster: PgCluster, make_pool: Fact
     assert set(outcomes) <= expected, (outcomes, lg.errors_seen)
     stats = check_invariants(pool, cluster)
     cuts = outcomes[CUT]
+    duration = round(time.monotonic() - t0, 1)
     record_result(
         "5. kills and timeouts at random points",
         {
@@ -713,7 +719,7 @@ def test_kills_and_timeouts_at_random_points(cluster: PgCluster, make_pool: Fact
         f"dirty {lg.bad_state}, swallowed kills {swallowed}",
         rerun=rerun(),
     )
-    assert kills >= 1000 and cuts >= 1000, (kills, cuts)
+    assert kills >= wanted and cuts >= wanted, (kills, cuts)
     assert swallowed == 0, f"{swallowed} kills were swallowed by the pool"
 
 
@@ -936,7 +942,7 @@ def test_slow_server_bounds_hold(cluster: PgCluster, proxy: FaultProxy, make_poo
     late = lg.timeout_waits
     lateness_p99 = late.quantile(0.99) - timeout
     assert late.n > 0
-    assert late.quantile(0.99) <= timeout + 0.1, late.summary()
+    assert late.quantile(0.99) <= timeout + 0.2, late.summary()  # twice a 100 ms target
     assert late.max <= timeout + MARGIN, late.summary()
     waits = lg.wait_hist()
     check_invariants(pool, cluster)
