@@ -36,7 +36,8 @@ from greenpool import (
     TooManyRequests,
     fork,
 )
-from tests.support.invariants import Server, backend_starts
+from tests.support.invariants import backend_starts
+from tests.support.server import Server
 from tests.support.waiting import wait_for
 
 ERRORS_MD = Path(__file__).resolve().parent.parent / "docs" / "errors.md"

@@ -15,7 +15,7 @@ from psycopg import errors, pq, waiting
 from greenpool import GreenPool
 from greenpool.drivers import gevent_wait
 from tests.support.hygiene import outcome
-from tests.support.invariants import Server
+from tests.support.server import Server
 from tests.support.waiting import wait_for
 
 

@@ -18,6 +18,7 @@ from greenpool import ConnectError, GreenPool, PoolClosed, PoolError, PoolTimeou
 from tests.support.hygiene import outcome
 from tests.support.invariants import backend_pids, backends_within_max, settled
 from tests.support.pgcluster import PW_PASSWORD, PW_USER, PgCluster
+from tests.support.server import Server
 from tests.support.waiting import wait_for
 
 Factory = Callable[..., GreenPool]
@@ -403,10 +404,8 @@ def test_pool_recovers_by_itself_after_a_server_restart(
     settled(pool, cluster)
 
 
-def test_wrong_password_fails_fast_at_open(pg_cluster: PgCluster | None) -> None:
-    if pg_cluster is None:
-        pytest.skip("needs the private cluster's password role")
-    bad = pg_cluster.dsn(PW_USER, password="wrong-" + PW_PASSWORD)
+def test_wrong_password_fails_fast_at_open(cluster: Server) -> None:
+    bad = cluster.dsn(PW_USER, password="wrong-" + PW_PASSWORD)
     pool = GreenPool(bad, min_size=2, name="gp_wrong_password", open=False)
     start = time.monotonic()
     with pytest.raises(ConnectError, match="password authentication failed") as info:

@@ -40,17 +40,15 @@ from tests.support.waiting import wait_for
 APP = "harness-test"
 
 
+# These tests make, stop and restart clusters of their own.
+pytestmark = pytest.mark.needs_restart
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[PgCluster]:
     """This module's own cluster (it stops and restarts it), shadowing the
     conftest's session cluster on purpose."""
-    try:
-        pg = PgCluster()
-    except PgBinariesNotFoundError:
-        if os.environ.get("GREENPOOL_TEST_DSN"):
-            pytest.skip("no PostgreSQL server binaries (GREENPOOL_TEST_DSN mode)")
-        raise
-    with pg:
+    with PgCluster() as pg:
         yield pg
 
 

@@ -9,25 +9,13 @@ quiet), the connections a fake driver holds open, and counters that never go neg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
+from tests.support.server import Server
 from tests.support.waiting import wait_for
 
 #: stats() keys that are not counts.
 NOT_COUNTS = frozenset({"name", "state", "failing", "last_error"})
-
-
-class Server(Protocol):
-    def backend_count(self, application_name: str | None = None) -> int: ...
-
-    def execute(
-        self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None
-    ) -> list[tuple[Any, ...]]: ...
-
-    def active_queries(self, application_name: str | None = None) -> list[Any]: ...
-
-    def terminate_backends(self, application_name: str) -> int: ...
 
 
 def backend_pids(server: Server, application_name: str) -> set[int]:
