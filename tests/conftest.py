@@ -136,15 +136,15 @@ def cluster(
 
 
 @pytest.fixture
-def make_pool(dsn: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., GreenPool]]:
+def make_pool(dsn: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., GreenPool[Any]]]:
     """Factory for pools named after the test (so backends can be found by
     application_name); every pool is closed at teardown."""
-    pools: list[GreenPool] = []
+    pools: list[GreenPool[Any]] = []
     base = "gp_" + request.node.name.replace("[", "_").replace("]", "")[:40]
 
-    def factory(conninfo: str | None = None, **kwargs: Any) -> GreenPool:
+    def factory(conninfo: str | None = None, **kwargs: Any) -> GreenPool[Any]:
         kwargs.setdefault("name", f"{base}_{len(pools)}")
-        pool = GreenPool(dsn if conninfo is None else conninfo, **kwargs)
+        pool: GreenPool[Any] = GreenPool(dsn if conninfo is None else conninfo, **kwargs)
         pools.append(pool)
         return pool
 

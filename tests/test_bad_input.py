@@ -47,15 +47,15 @@ NEW = "gp_bad_input_new"  # name of pools the construction cases try to make
 @dataclass
 class Env:
     dsn: str
-    pool: GreenPool  # open, min_size=1, max_size=2
-    make_pool: Callable[..., GreenPool]
+    pool: GreenPool[Any]  # open, min_size=1, max_size=2
+    make_pool: Callable[..., GreenPool[Any]]
     admin: Server
-    subjects: list[GreenPool] = field(default_factory=list)  # what the case acts on
+    subjects: list[GreenPool[Any]] = field(default_factory=list)  # what the case acts on
     returned: Any = None  # a connection already given back (putconn-twice)
     borrowed: Any = None  # a connection lent by another pool (putconn-other-pool)
 
     @property
-    def subject(self) -> GreenPool:
+    def subject(self) -> GreenPool[Any]:
         return self.subjects[0]
 
     def snapshot(self) -> tuple[Any, ...]:
@@ -77,25 +77,25 @@ class Env:
         made = sorted(repr(p) for p in fork.tracked() if p.name == NEW)
         return (pools, made, backend_starts(self.admin, NEW))
 
-    def new(self, conninfo: str | None = None, **kwargs: Any) -> GreenPool:
+    def new(self, conninfo: str | None = None, **kwargs: Any) -> GreenPool[Any]:
         """Construct a pool the way a user would (not through the test factory)."""
         kwargs.setdefault("name", NEW)
-        pool = GreenPool(self.dsn if conninfo is None else conninfo, **kwargs)
+        pool: GreenPool[Any] = GreenPool(self.dsn if conninfo is None else conninfo, **kwargs)
         pool.close()  # only reached when construction wrongly succeeded
         return pool
 
-    def closed_pool(self) -> list[GreenPool]:
+    def closed_pool(self) -> list[GreenPool[Any]]:
         pool = self.make_pool(min_size=1)
         pool.wait(10)
         pool.close()
         return [pool]
 
 
-def _the_pool(env: Env) -> list[GreenPool]:
+def _the_pool(env: Env) -> list[GreenPool[Any]]:
     return [env.pool]
 
 
-def _nothing(env: Env) -> list[GreenPool]:
+def _nothing(env: Env) -> list[GreenPool[Any]]:
     return []  # construction cases: no pool exists; the snapshot covers pools made anyway
 
 
@@ -106,7 +106,7 @@ class Case:
     run: Callable[[Env], object]
     # The pools the case acts on, made before the "before" snapshot; None: a runtime
     # error, whose exception and message are checked but not the "nothing changes" half.
-    subject: Callable[[Env], list[GreenPool]] | None = _the_pool
+    subject: Callable[[Env], list[GreenPool[Any]]] | None = _the_pool
     cleanup: Callable[[Env], None] | None = None  # runs after the "after" snapshot
 
 
@@ -118,7 +118,7 @@ def _putconn_foreign(env: Env) -> None:
         conn.close()
 
 
-def _lent_by_another_pool(env: Env) -> list[GreenPool]:
+def _lent_by_another_pool(env: Env) -> list[GreenPool[Any]]:
     other = env.make_pool(min_size=0, max_size=1)
     env.borrowed = other.getconn()
     return [env.pool, other]  # neither may change: the lending pool still lends it
@@ -128,19 +128,19 @@ def _give_back_to_its_pool(env: Env) -> None:
     env.subjects[1].putconn(env.borrowed)
 
 
-def _borrow_and_return(env: Env) -> list[GreenPool]:
+def _borrow_and_return(env: Env) -> list[GreenPool[Any]]:
     env.returned = env.pool.getconn()
     env.pool.putconn(env.returned)
     return [env.pool]
 
 
-def _pool_with_max_5(env: Env) -> list[GreenPool]:
+def _pool_with_max_5(env: Env) -> list[GreenPool[Any]]:
     pool = env.make_pool(env.dsn + " pool_max_conns=5", min_size=1)
     pool.wait(10)
     return [pool]
 
 
-def _never_opened(env: Env) -> list[GreenPool]:
+def _never_opened(env: Env) -> list[GreenPool[Any]]:
     return [GreenPool(name=NEW)]
 
 
@@ -296,7 +296,7 @@ CASES: dict[str, Case] = {
         lambda e: e.subject.getconn(timeout=math.nan)),
     "getconn-timeout-string": Case(
         ValueError, "timeout: expected a number of seconds, got str",
-        lambda e: e.subject.getconn(timeout="1")),
+        lambda e: e.subject.getconn(timeout="1")),  # type: ignore[arg-type]
     "putconn-foreign": Case(
         PoolError, "did not lend this object or it was already returned",
         _putconn_foreign),
@@ -362,7 +362,7 @@ CASES: dict[str, Case] = {
 
 
 @pytest.fixture
-def env(dsn: str, admin: Server, make_pool: Callable[..., GreenPool]) -> Iterator[Env]:
+def env(dsn: str, admin: Server, make_pool: Callable[..., GreenPool[Any]]) -> Iterator[Env]:
     pool = make_pool(min_size=1, max_size=2)
     pool.wait(10)
     yield Env(dsn, pool, make_pool, admin)

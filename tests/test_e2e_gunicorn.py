@@ -323,7 +323,7 @@ def test_worker_exit_closes_pools_and_abort_dumps_greenlets(
 
     app = Flask("exittest")
     app.config.update(GREENPOOL_CONNINFO=dsn, GREENPOOL_MIN_SIZE=1)
-    db = GreenPool(app)
+    db: Any = GreenPool(app)  # init_app turns it into the app's Flask pool
     pool = db.get_pool(app=app)
     pool.wait(10)
     worker = fake_worker(app)

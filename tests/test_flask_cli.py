@@ -20,7 +20,7 @@ def secret_dsn(cluster: Server) -> tuple[str, str]:
     return cluster.dsn(APP_USER, APP_PASSWORD), APP_PASSWORD
 
 
-def make_app(conninfo: str, **config: Any) -> tuple[Flask, GreenPool]:
+def make_app(conninfo: str, **config: Any) -> tuple[Flask, Any]:
     app = Flask("clitest")
     app.config.update(
         GREENPOOL_CONNINFO=conninfo,
@@ -28,7 +28,7 @@ def make_app(conninfo: str, **config: Any) -> tuple[Flask, GreenPool]:
         GREENPOOL_MAX_SIZE=3,
         **config,
     )
-    db = GreenPool(app)
+    db: Any = GreenPool(app)  # init_app turns it into the app's Flask pool
     return app, db
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
 
 import gevent
 import gevent.event
@@ -20,7 +21,7 @@ from tests.support.waiting import wait_for
 
 
 @pytest.fixture
-def conn(dsn: str, make_pool: Callable[..., GreenPool]) -> Iterator[psycopg.Connection]:
+def conn(dsn: str, make_pool: Callable[..., GreenPool[Any]]) -> Iterator[psycopg.Connection]:
     make_pool(min_size=0)  # creating a pool installs the wait functions
     assert gevent_wait.installed()
     with psycopg.connect(dsn, autocommit=True) as c:
@@ -33,7 +34,7 @@ def test_compatible_with_this_psycopg_and_selftest_passes() -> None:
 
 
 def test_pool_installs_it_and_uninstall_restores_psycopg_own(
-    make_pool: Callable[..., GreenPool],
+    make_pool: Callable[..., GreenPool[Any]],
 ) -> None:
     make_pool(min_size=0)
     assert waiting.wait is gevent_wait.wait
@@ -162,7 +163,7 @@ def test_kept_timer_ticks_at_psycopg_interval_and_two_waiters_on_one_fd_both_wak
     ticks = [0, 0]
     fed = gevent.event.Event()
 
-    def reader(i: int) -> Iterator[int]:
+    def reader(i: int) -> Generator[int, int, int]:
         ready = yield waiting.Wait.R
         while not ready:
             ticks[i] += 1
@@ -188,7 +189,7 @@ def test_a_socket_reusing_a_closed_ones_fd_without_a_hub_turn_is_still_watched(
 ) -> None:
     # libev would keep believing the old file registered with epoll and never report the
     # new one: the wait then ticks at its interval forever.
-    def reader(sock: socket.socket) -> Iterator[int]:
+    def reader(sock: socket.socket) -> Generator[int, int, int]:
         ready = yield waiting.Wait.R
         while not ready:
             ready = yield waiting.Wait.R

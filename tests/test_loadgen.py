@@ -74,7 +74,7 @@ def test_a_dirty_connection_counts_as_bad_state() -> None:
 
 def test_greenpool_on_the_fake_driver_lends_each_connection_once_and_clean() -> None:
     driver = FakeDriver(connect_delay=0.001, op_delay=0.001)  # the reset is a round trip
-    pool = GreenPool("", driver=driver, min_size=1, max_size=3, open=True)
+    pool: GreenPool[Any] = GreenPool("", driver=driver, min_size=1, max_size=3, open=True)
     try:
         lg = run(pool, workers=30)
     finally:

@@ -4,6 +4,8 @@ close against a pool on the fake driver, checking the pool's invariants after ev
 
 from __future__ import annotations
 
+from typing import Any
+
 import gevent
 import pytest
 from hypothesis import HealthCheck, settings
@@ -22,7 +24,7 @@ class PoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.driver = FakeDriver(connect_delay=0.001, op_delay=0.0005)
         self.cap = 3
-        self.pool = GreenPool(
+        self.pool: GreenPool[Any] = GreenPool(
             "",
             driver=self.driver,
             min_size=1,
@@ -199,7 +201,7 @@ TestPoolModel.settings = settings(
 
 def test_fake_driver_smoke() -> None:
     driver = FakeDriver()
-    pool = GreenPool("", driver=driver, min_size=1, max_size=2, open=True)
+    pool: GreenPool[Any] = GreenPool("", driver=driver, min_size=1, max_size=2, open=True)
     with pool.connection() as conn:
         assert isinstance(conn, FakeConn)
         conn.state = ConnState.IN_TRANSACTION

@@ -21,7 +21,7 @@ from tests.support.pgcluster import PW_PASSWORD, PW_USER, PgCluster
 from tests.support.server import Server
 from tests.support.waiting import wait_for
 
-Factory = Callable[..., GreenPool]
+Factory = Callable[..., GreenPool[Any]]
 DRIVERS = ["psycopg", "psycopg2"]
 
 
@@ -289,7 +289,7 @@ def test_borrower_dying_mid_query_discards_and_cancels_on_server(
 def table(admin: PgCluster, request: pytest.FixtureRequest) -> str:
     name = "t_" + request.node.name.replace("[", "_").replace("]", "").replace("-", "_")[:40]
     admin.execute(f"DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (v int)")
-    return name
+    return str(name)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -406,7 +406,7 @@ def test_pool_recovers_by_itself_after_a_server_restart(
 
 def test_wrong_password_fails_fast_at_open(cluster: Server) -> None:
     bad = cluster.dsn(PW_USER, password="wrong-" + PW_PASSWORD)
-    pool = GreenPool(bad, min_size=2, name="gp_wrong_password", open=False)
+    pool: GreenPool[Any] = GreenPool(bad, min_size=2, name="gp_wrong_password", open=False)
     start = time.monotonic()
     with pytest.raises(ConnectError, match="password authentication failed") as info:
         pool.open(wait=True, timeout=20)
@@ -423,7 +423,7 @@ def test_no_server_fails_fast_at_open() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once closed
-    pool = GreenPool(f"host=127.0.0.1 port={port} user=x dbname=x", open=False)
+    pool: GreenPool[Any] = GreenPool(f"host=127.0.0.1 port={port} user=x dbname=x", open=False)
     start = time.monotonic()
     with pytest.raises(ConnectError, match="refused"):
         pool.open(wait=True)
@@ -597,7 +597,7 @@ def test_pool_settings_in_the_conninfo(make_pool: Factory, dsn: str) -> None:
 
 
 def test_pool_without_conninfo_stays_closed_until_opened(dsn: str) -> None:
-    pool = GreenPool()
+    pool: GreenPool[Any] = GreenPool()
     assert pool.closed
     with pytest.raises(PoolClosed, match="not open"):
         pool.getconn()

@@ -63,7 +63,7 @@ def test_a_closed_pool_is_replaced_and_close_all_closes_everything(
 ) -> None:
     driver = FakeDriver()
     first = greenpool.get_pool("", driver=driver, name="reg_close")
-    direct = GreenPool("", driver=driver, name="reg_direct", open=True)  # type: ignore[arg-type]
+    direct: GreenPool[Any] = GreenPool("", driver=driver, name="reg_direct", open=True)
     first.close()
     second = greenpool.get_pool("", driver=driver, name="reg_close")
     assert second is not first and not second.closed
@@ -74,7 +74,7 @@ def test_a_closed_pool_is_replaced_and_close_all_closes_everything(
 
 def test_unhashable_setting_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="get_pool: setting 'check' is not hashable"):
-        greenpool.get_pool("", check=[1, {2}])  # type: ignore[arg-type]
+        greenpool.get_pool("", check=[1, {2}])
 
 
 def test_forked_child_gets_its_own_connections(
@@ -108,7 +108,7 @@ def test_forked_child_gets_its_own_connections(
 
 def test_try_now_acquire_on_an_empty_pool_fails_at_once_but_starts_growing() -> None:
     driver = FakeDriver(connect_delay=0.001)
-    pool = GreenPool("", driver=driver, min_size=0, max_size=2, open=True)  # type: ignore[arg-type]
+    pool: GreenPool[Any] = GreenPool("", driver=driver, min_size=0, max_size=2, open=True)
     try:
         start = time.monotonic()
         with pytest.raises(PoolTimeout):
@@ -123,7 +123,7 @@ def test_try_now_acquire_on_an_empty_pool_fails_at_once_but_starts_growing() -> 
 
 def test_min_idle_is_refilled_by_the_checkout_not_the_next_tick() -> None:
     driver = FakeDriver(connect_delay=0.001)
-    pool = GreenPool(  # type: ignore[arg-type]
+    pool: GreenPool[Any] = GreenPool(
         "", driver=driver, min_size=0, max_size=5, min_idle=2, open=True
     )
     try:

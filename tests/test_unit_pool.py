@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import gevent
 import pytest
@@ -13,11 +14,11 @@ from tests.support.hygiene import outcome
 from tests.support.waiting import wait_for
 
 
-def make(driver: FakeDriver | None = None, **kw: object) -> tuple[GreenPool, FakeDriver]:
+def make(driver: FakeDriver | None = None, **kw: Any) -> tuple[GreenPool[Any], FakeDriver]:
     driver = driver or FakeDriver()
     kw.setdefault("min_size", 0)
     kw.setdefault("max_size", 1)
-    pool = GreenPool("", driver=driver, open=True, **kw)  # type: ignore[arg-type]
+    pool: GreenPool[Any] = GreenPool("", driver=driver, open=True, **kw)
     return pool, driver
 
 
@@ -128,7 +129,7 @@ def test_timeout_counts_and_message_include_pool_counts() -> None:
 def test_connect_failures_back_off_and_are_reported() -> None:
     driver = FakeDriver()
     driver.fail_connect = OSError("connection refused (fake)")
-    reports: list[GreenPool] = []
+    reports: list[GreenPool[Any]] = []
     pool, _ = make(driver, min_size=1, reconnect_timeout=0.3, reconnect_failed=reports.append)
     start = time.monotonic()
     with pytest.raises(PoolTimeout, match="connection refused"):

@@ -62,7 +62,8 @@ def backends_within_max(pool: Any, server: Server, max_size: int | None = None) 
 
 
 def quiet(stats: dict[str, Any]) -> bool:
-    return stats["acquired"] == stats["constructing"] == stats["closing"] == stats["waiting"] == 0
+    in_flight = (stats["acquired"], stats["constructing"], stats["closing"], stats["waiting"])
+    return in_flight == (0, 0, 0, 0)
 
 
 def settled(pool: Any, server: Server, timeout: float = 15.0) -> dict[str, Any]:
