@@ -16,6 +16,7 @@ Environment: ``GREENPOOL_FAULT_WORKERS`` (200), ``GREENPOOL_SOAK_SECONDS`` (60),
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -549,6 +550,36 @@ def test_refused_at_startup_open_wait_fails_fast(
         headline=f"ConnectError after {took * 1e3:.0f} ms",
         rerun=rerun(),
     )
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_close_while_connecting_leaves_no_backend_until_a_garbage_collection(
+    cluster: PgCluster, proxy: FaultProxy, make_pool: Factory, driver: str
+) -> None:
+    """close() kills the connectors; one killed mid-handshake must close its half-open
+    connection at once (it used to stay referenced from a reference cycle, and its server
+    backend with it, until Python's garbage collector ran)."""
+    proxy.set_latency(0.1)  # a handshake of several round trips: a wide window
+    was_enabled = gc.isenabled()
+    gc.disable()  # what the collector would hide
+    try:
+        pool = make_pool(via(cluster, proxy), min_size=1, max_size=1, driver=driver)
+        wait_for(
+            lambda: cluster.backend_count(pool.name) == 1 and pool.stats()["constructing"] == 1,
+            10,
+            interval=0.005,
+            what="a backend on the server while the pool is still connecting",
+        )
+        pool.close(timeout=0)
+        wait_for(
+            lambda: cluster.backend_count(pool.name) == 0,
+            5,
+            what="the half-open connection's backend to go",
+        )
+    finally:
+        if was_enabled:
+            gc.enable()
+        proxy.heal()
 
 
 def test_connect_error_carries_the_driver_error_as_cause(
