@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 import time
@@ -13,10 +14,9 @@ import gevent
 import pytest
 from gevent.event import Event
 
-import greenpool.fork
 from greenpool import ConnectError, GreenPool, PoolClosed, PoolError, PoolTimeout
 from tests.support.hygiene import outcome
-from tests.support.invariants import backend_pids, backends_within_max, settled
+from tests.support.invariants import backend_pids, backend_starts, backends_within_max, settled
 from tests.support.pgcluster import PW_PASSWORD, PW_USER, PgCluster
 from tests.support.server import Server
 from tests.support.waiting import wait_for
@@ -608,30 +608,52 @@ def test_pool_without_conninfo_stays_closed_until_opened(dsn: str) -> None:
     pool.close()
 
 
-def test_forked_child_starts_clean_and_leaves_parent_sockets_alone(make_pool: Factory) -> None:
-    pool = make_pool(min_size=2, max_size=2)
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_forked_child_never_touches_a_parent_backend(
+    make_pool: Factory, admin: PgCluster, driver: str
+) -> None:
+    """A real os.fork() after the pool started: the child's pool opens its own backends,
+    and every one of the parent's sessions (idle or lent) is still there afterwards, the
+    same session (pid and backend_start), and works, even though the child closed its
+    inherited connection and its pool and collected garbage."""
+    pool = make_pool(min_size=3, max_size=4, driver=driver)
     pool.wait(10)
-    parent_conn = pool.getconn()
-    parent_pid = backend_pid(parent_conn)
+    lent = pool.getconn()
+    parent = backend_starts(admin, pool.name)
+    assert len(parent) == 3 and backend_pid(lent) in parent, parent
     read_fd, write_fd = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         code = 1
         try:
-            assert pool.stats()["total"] == 0
-            with pool.connection(timeout=10) as conn:
-                code = 0 if backend_pid(conn) != parent_pid else 2
-            for orphan in greenpool.fork._ORPHANS:
-                orphan.close()  # what finalisers would do: must not hit the parent
+            os.close(read_fd)
+            if pool.stats()["total"] != 0:
+                code = 3  # the child kept the parent's records
+            else:
+                with pool.connection(timeout=10) as conn:
+                    code = 0 if backend_pid(conn) not in parent else 2
+            lent.close()  # what a careless child, or a finaliser, does with it
+            pool.close()
+            gc.collect()
         finally:
             os.write(write_fd, bytes([code]))
             os._exit(code)
     os.close(write_fd)
     _, status = os.waitpid(child, 0)
-    assert os.read(read_fd, 1) == b"\x00", "child failed"
-    os.close(read_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        assert pipe.read() == b"\x00", "the child failed (3: kept the parent's records; 2: "
+        "borrowed a parent backend)"
     assert os.waitstatus_to_exitcode(status) == 0
-    assert run_query(parent_conn, "SELECT 1") == [(1,)], "the child broke a parent connection"
-    pool.putconn(parent_conn)
-    with pool.connection() as conn:
-        assert run_query(conn, "SELECT 1") == [(1,)]
+    wait_for(  # the child's own backend ends with it; the parent's are all still there
+        lambda: backend_starts(admin, pool.name) == parent,
+        10,
+        what="the server to show exactly the parent's sessions",
+    )
+    assert run_query(lent, "SELECT 1") == [(1,)], "the child broke the lent connection"
+    pool.putconn(lent)
+    conns = [pool.getconn(timeout=10) for _ in range(3)]
+    assert {backend_pid(c) for c in conns} == set(parent)
+    for conn in conns:
+        assert run_query(conn, "SELECT 1") == [(1,)], "the child broke an idle connection"
+        pool.putconn(conn)
+    settled(pool, admin)
