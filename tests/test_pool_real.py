@@ -346,10 +346,11 @@ def test_connection_context_commits_or_rolls_back(
 # ---------------------------------------------------------------- server-side faults
 
 
+@pytest.mark.parametrize("driver", DRIVERS)
 def test_terminated_idle_backends_are_replaced_before_anyone_sees_an_error(
-    make_pool: Factory, admin: PgCluster
+    make_pool: Factory, admin: PgCluster, driver: str
 ) -> None:
-    pool = make_pool(min_size=3, max_size=3, check_idle_after=0.0)
+    pool = make_pool(min_size=3, max_size=3, check_idle_after=0.0, driver=driver)
     pool.wait(10)
     assert admin.terminate_backends(pool.name) == 3
     for _ in range(10):
@@ -358,16 +359,18 @@ def test_terminated_idle_backends_are_replaced_before_anyone_sees_an_error(
     assert pool.stats()["check_failed_count"] == 3
 
 
+@pytest.mark.parametrize("driver", DRIVERS)
 def test_health_check_replaces_dead_idle_connections_by_itself(
-    make_pool: Factory, admin: PgCluster
+    make_pool: Factory, admin: PgCluster, driver: str
 ) -> None:
-    pool = make_pool(min_size=2, max_size=2, health_check_period=0.2)
+    pool = make_pool(min_size=2, max_size=2, health_check_period=0.2, driver=driver)
     pool.wait(10)
     admin.terminate_backends(pool.name)
     wait_for(lambda: pool.stats()["check_failed_count"] >= 2)
     wait_for(lambda: admin.backend_count(pool.name) == 2)
     assert pool.stats()["acquire_count"] == 0  # nobody had to ask
     assert pool.check() == 0  # check() on healthy connections replaces nothing
+    settled(pool, admin)
 
 
 @pytest.mark.needs_restart
