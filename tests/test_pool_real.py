@@ -17,7 +17,7 @@ from gevent.event import Event
 from greenpool import ConnectError, GreenPool, PoolClosed, PoolError, PoolTimeout
 from tests.support.hygiene import outcome
 from tests.support.invariants import backend_pids, backend_starts, backends_within_max, settled
-from tests.support.pgcluster import PW_PASSWORD, PW_USER, PgCluster
+from tests.support.pgcluster import APP_PASSWORD, APP_USER, PW_PASSWORD, PW_USER, PgCluster
 from tests.support.server import Server
 from tests.support.waiting import wait_for
 
@@ -485,6 +485,110 @@ def test_connections_are_retired_at_max_lifetime_with_jitter(
     assert lived[-1] - lived[0] >= 0.05, f"no jitter: every backend retired together {lived}"
     assert pool.stats()["lifetime_destroy_count"] >= n
     settled(pool, admin)
+
+
+def test_try_now_acquire_on_an_empty_pool_fails_at_once_and_grows_it(
+    make_pool: Factory, admin: PgCluster
+) -> None:
+    pool = make_pool(min_size=0, max_size=2)
+    start = time.monotonic()
+    with pytest.raises(PoolTimeout):
+        pool.getconn(timeout=0)
+    assert time.monotonic() - start < 1.0
+    wait_for(lambda: admin.backend_count(pool.name) == 1, what="the connection it asked for")
+    conn = pool.getconn(timeout=0)  # there now: served without waiting
+    assert run_query(conn, "SELECT 1") == [(1,)]
+    pool.putconn(conn)
+    assert pool.stats()["new_conns_count"] == 1
+    settled(pool, admin)
+
+
+def test_min_idle_is_refilled_after_a_checkout(make_pool: Factory, admin: PgCluster) -> None:
+    pool = make_pool(min_size=0, max_size=5, min_idle=2)
+    wait_for(lambda: admin.backend_count(pool.name) == 2, what="min_idle connections")
+    held = [pool.getconn(timeout=10) for _ in range(2)]
+    wait_for(lambda: admin.backend_count(pool.name) == 4, what="two more kept ready")
+    assert pool.stats()["idle"] == 2
+    for conn in held:
+        pool.putconn(conn)
+    settled(pool, admin)
+
+
+def test_acquire_counters(make_pool: Factory, admin: PgCluster) -> None:
+    """empty_acquire_count (served after waiting), canceled_acquire_count (a waiter
+    killed or timed out by its caller), acquire_wait_seconds_total (what those waited)."""
+    pool = make_pool(min_size=1, max_size=1)
+    pool.wait(10)
+    with pool.connection(timeout=10):
+        pass  # served at once: no wait counted
+    s = pool.stats()
+    assert (s["acquire_count"], s["empty_acquire_count"], s["acquire_wait_seconds_total"]) == (
+        1, 0, 0.0,
+    )  # fmt: skip
+    held = pool.getconn()
+    started = time.monotonic()
+    waiter = gevent.spawn(pool.getconn, 10)
+    wait_for(lambda: pool.stats()["waiting"] == 1, what="the waiter to queue")
+    queued = time.monotonic()
+    gevent.sleep(0.2)  # the wait being measured
+    released = time.monotonic()
+    pool.putconn(held)
+    conn = waiter.get(timeout=5)
+    served = time.monotonic()
+    s = pool.stats()
+    assert s["empty_acquire_count"] == 1, s
+    assert released - queued <= s["acquire_wait_seconds_total"] <= served - started, s
+    # Waiters that their caller killed, or timed out with its own gevent.Timeout, are
+    # canceled; one that hit the pool's timeout is a timeout.
+    killed = gevent.spawn(outcome, pool.getconn, 10)
+    wait_for(lambda: pool.stats()["waiting"] == 1)
+    killed.kill()
+
+    def bounded_by_the_caller() -> Any:
+        with gevent.Timeout(0.05):
+            return pool.getconn(10)
+
+    timed_out = gevent.spawn(outcome, bounded_by_the_caller)
+    assert isinstance(timed_out.get(timeout=5), gevent.Timeout)
+    with pytest.raises(PoolTimeout):
+        pool.getconn(timeout=0.05)
+    pool.putconn(conn)
+    s = pool.stats()
+    assert (s["canceled_acquire_count"], s["timeout_count"], s["empty_acquire_count"]) == (
+        2, 1, 1,
+    ), s  # fmt: skip
+    settled(pool, admin)
+
+
+def test_drain_to_a_new_conninfo_rotates_credentials(make_pool: Factory, cluster: Server) -> None:
+    """drain(conninfo=...) after a credential change: every connection is replaced by one
+    of the new user (a borrowed one when it comes back)."""
+    pool = make_pool(cluster.dsn(APP_USER, APP_PASSWORD), min_size=2, max_size=3)
+    pool.wait(10)
+    lent = pool.getconn()
+    assert run_query(lent, "SELECT current_user") == [(APP_USER,)]
+    old = backend_pids(cluster, pool.name)
+    pool.drain(timeout=10, conninfo=cluster.dsn(PW_USER, PW_PASSWORD))
+    assert run_query(lent, "SELECT current_user") == [(APP_USER,)]  # untouched while lent
+    pool.putconn(lent)
+
+    def users() -> list[str]:
+        rows = cluster.execute(
+            "SELECT usename FROM pg_stat_activity WHERE application_name = %s", [pool.name]
+        )
+        return sorted(str(r[0]) for r in rows)
+
+    wait_for(
+        lambda: not backend_pids(cluster, pool.name) & old and users() == [PW_USER] * 2,
+        10,
+        what="every backend to be the new user's",
+    )
+    conns = [pool.getconn(timeout=10) for _ in range(2)]
+    for conn in conns:
+        assert run_query(conn, "SELECT current_user") == [(PW_USER,)]
+        pool.putconn(conn)
+    assert APP_PASSWORD not in repr(pool) and PW_PASSWORD not in repr(pool)
+    settled(pool, cluster)
 
 
 def test_resize_grows_and_shrinks(make_pool: Factory, admin: PgCluster) -> None:
