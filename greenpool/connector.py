@@ -171,10 +171,14 @@ class Connector:
             if isinstance(ex, _ConnectTimeout):
                 raise TimeoutError(str(ex)) from None
             raise
-        except BaseException:
+        except BaseException as ex:
             if epoch == self._epoch:
                 pool._release_slot()
-            raise
+            # Killed mid-connect (close() kills connectors): the driver's half-open
+            # connection is referenced only from the frames of this traceback, which the
+            # dead greenlet keeps in a reference cycle. Drop them, so that the connection
+            # (and its server backend) goes now, not at the next garbage collection.
+            raise ex.with_traceback(None)  # noqa: B904 (the same exception, re-raised)
         if epoch != self._epoch:  # forked meanwhile: not ours to touch
             from greenpool.fork import orphan
 

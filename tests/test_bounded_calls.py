@@ -19,6 +19,7 @@ import pytest
 from greenpool import GreenPool
 from tests.support.faultproxy import FaultProxy
 from tests.support.pgcluster import PgCluster
+from tests.support.waiting import wait_for
 
 Factory = Callable[..., GreenPool[Any]]
 
@@ -27,14 +28,6 @@ Factory = Callable[..., GreenPool[Any]]
 def proxy(cluster: PgCluster) -> Iterator[FaultProxy]:
     with FaultProxy(cluster.host, cluster.port) as fp:
         yield fp
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        gevent.sleep(0.01)
 
 
 @pytest.mark.parametrize("in_transaction", [False, True], ids=["idle", "in-transaction"])
@@ -64,9 +57,7 @@ def test_release_on_a_black_hole_returns_within_ping_timeout(
         assert fresh is not conn and fresh.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_a_configure_callback_that_hangs_gives_its_slot_back(
-    dsn: str, make_pool: Factory
-) -> None:
+def test_a_configure_callback_that_hangs_gives_its_slot_back(dsn: str, make_pool: Factory) -> None:
     release = gevent.event.Event()
 
     def configure(conn: Any) -> None:
@@ -74,7 +65,7 @@ def test_a_configure_callback_that_hangs_gives_its_slot_back(
 
     pool = make_pool(dsn, min_size=1, max_size=1, connect_timeout=0.5, configure=configure)
     try:
-        wait_until(lambda: pool.stats()["connect_errors"] >= 1, timeout=10)
+        wait_for(lambda: pool.stats()["connect_errors"] >= 1, timeout=10)
         stats = pool.stats()
         assert stats["last_error"] and "timed out" in stats["last_error"]
         assert stats["constructing"] <= 1  # the next attempt may be under way

@@ -10,6 +10,7 @@ import pytest
 from greenpool.budget import Budget, ServerLimits, fetch_limits
 from greenpool.cli import main
 from tests.support.pgcluster import PW_USER, PgCluster
+from tests.support.server import Server
 
 
 def test_arithmetic() -> None:
@@ -89,12 +90,10 @@ def test_cli_offline(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_connection_error_hides_the_password(
-    pg_cluster: PgCluster | None, capsys: pytest.CaptureFixture[str]
+    cluster: Server, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if pg_cluster is None:
-        pytest.skip("needs the private cluster's password roles")
     secret = "wrong-secret-77"
-    url = f"postgresql://{PW_USER}:{secret}@127.0.0.1:{pg_cluster.port}/postgres"
+    url = f"postgresql://{PW_USER}:{secret}@{cluster.host}:{cluster.port}/postgres"
     code, out = _run(capsys, "--conninfo", url, "--workers", "1", "--max-size", "1")
     assert code == 2
     assert "cannot read the server's limits" in out

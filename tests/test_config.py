@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from greenpool import GreenPool
@@ -79,20 +81,23 @@ def test_bad_conninfo_is_refused_at_construction(conninfo: str, name: str) -> No
 
 def test_password_never_in_repr_or_errors() -> None:
     secret = "hunter2-xyzzy"
-    pool = GreenPool(f"postgresql://app:{secret}@127.0.0.1:1/db", open=False, name="p")
+    url = f"postgresql://app:{secret}@127.0.0.1:1/db"
+    pool: GreenPool[Any] = GreenPool(url, open=False, name="p")
     assert secret not in repr(pool) and secret not in str(pool.stats())
     with pytest.raises(ValueError) as info:
         GreenPool(f"host=x password={secret} junk", open=False)
     assert secret not in str(info.value)
-    kw = GreenPool("host=127.0.0.1", kwargs={"password": secret}, open=False)
+    kw: GreenPool[Any] = GreenPool("host=127.0.0.1", kwargs={"password": secret}, open=False)
     assert secret not in repr(kw)
     assert Redactor([secret])(f"failed for {secret}!") == "failed for ********!"
 
 
 def test_connect_timeout_from_the_conninfo_is_enforced_by_the_pool() -> None:
-    pool = GreenPool("host=127.0.0.1 connect_timeout=3", open=False)
+    pool: GreenPool[Any] = GreenPool("host=127.0.0.1 connect_timeout=3", open=False)
     assert pool.settings.connect_timeout == 3.0
-    explicit = GreenPool("host=127.0.0.1 connect_timeout=3", connect_timeout=1, open=False)
+    explicit: GreenPool[Any] = GreenPool(
+        "host=127.0.0.1 connect_timeout=3", connect_timeout=1, open=False
+    )
     assert explicit.settings.connect_timeout == 1.0
     with pytest.raises(ValueError, match="connect_timeout"):
         GreenPool("host=127.0.0.1 connect_timeout=soon", open=False)

@@ -54,9 +54,7 @@ def _pool_params(settings: dict[str, int]) -> dict[str, int]:
 
 @settings(max_examples=300, deadline=None)
 @given(params=params_st, pools=pool_st)
-def test_url_query_reaches_libpq_as_written(
-    params: dict[str, str], pools: dict[str, str]
-) -> None:
+def test_url_query_reaches_libpq_as_written(params: dict[str, str], pools: dict[str, str]) -> None:
     query = [f"{quote(k)}={quote(v, safe='')}" for k, v in params.items()]
     query += [f"{k}={v}" for k, v in pools.items()]
     text = "postgresql://127.0.0.1:5432/?" + "&".join(query)
@@ -93,9 +91,7 @@ def test_url_escapes_are_libpqs_not_form_encoding() -> None:
 
 
 def test_multi_host_urls_are_accepted() -> None:
-    parsed = split_conninfo(
-        "postgresql://app@h1:5432,h2:5433/db?target_session_attrs=read-write"
-    )
+    parsed = split_conninfo("postgresql://app@h1:5432,h2:5433/db?target_session_attrs=read-write")
     assert parsed.params["host"] == "h1,h2" and parsed.params["port"] == "5432,5433"
     assert parsed.params["target_session_attrs"] == "read-write"
 

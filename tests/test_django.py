@@ -21,7 +21,8 @@ import psycopg
 import pytest
 from gevent.event import Event
 
-from tests.support.ormsupport import backend_pids, repo_root, wait_until
+from tests.support.ormsupport import backend_pids, repo_root
+from tests.support.waiting import wait_for
 
 APP = f"gpdj-{uuid.uuid4().hex[:6]}"
 MAX_SIZE = 3
@@ -86,7 +87,7 @@ def pool() -> Any:
 
 
 def settle() -> dict[str, Any]:
-    assert wait_until(lambda: pool().stats()["acquired"] == 0, timeout=5), pool().stats()
+    wait_for(lambda: pool().stats()["acquired"] == 0, timeout=5)
     return dict(pool().stats())
 
 
@@ -163,7 +164,7 @@ def test_each_greenlet_has_its_own_connection(django_app: Any, dsn: str) -> None
         connection.close()
 
     greenlets = [gevent.spawn(work) for _ in range(MAX_SIZE)]
-    assert wait_until(lambda: len(pids) == MAX_SIZE)
+    wait_for(lambda: len(pids) == MAX_SIZE)
     assert len(set(pids)) == MAX_SIZE  # three greenlets, three distinct backends
     assert set(pids) <= backend_pids(dsn, APP)
     assert len({id(w) for w in wrappers}) == MAX_SIZE
@@ -189,7 +190,7 @@ def test_exhaustion_is_a_503_with_retry_after_not_a_hang(django_app: Any, dsn: s
         connection.close()
 
     holders = [gevent.spawn(holder) for _ in range(MAX_SIZE)]
-    assert wait_until(lambda: len(holding) == MAX_SIZE)
+    wait_for(lambda: len(holding) == MAX_SIZE)
     start = time.monotonic()
     response = client().get("/accounts/1", Accept="application/json")
     waited = time.monotonic() - start
@@ -219,7 +220,7 @@ def test_exhaustion_inside_atomic_requests_is_a_503_too(django_app: Any) -> None
         conn.close()
 
     holders = [gevent.spawn(holder) for _ in range(MAX_SIZE)]
-    assert wait_until(lambda: len(holding) == MAX_SIZE)
+    wait_for(lambda: len(holding) == MAX_SIZE)
     # ATOMIC_REQUESTS opens the transaction (and borrows) before the view runs.
     response = client().post("/atomic-fail")
     assert response.status_code == 503, response.content
@@ -247,7 +248,7 @@ def test_commits_and_rollbacks_land_as_django_promises(django_app: Any, dsn: str
     too_much = {**ok, "amount": "2"}
     assert client().post("/transfers", too_much).status_code == 409
     with psycopg.connect(dsn, autocommit=True) as conn:
-        balances = dict(
+        balances: dict[Any, Any] = dict(
             conn.execute(
                 "SELECT id, balance::text FROM bank_account WHERE id IN (%s, %s)",
                 (a["id"], b["id"]),

@@ -66,9 +66,7 @@ def test_load_is_bounded_by_the_cap_and_shutdown_is_clean(
 
 
 @pytest.mark.slow
-def test_exhaustion_answers_503_instead_of_hanging(
-    seeded: None, dsn: str, tmp_path: Path
-) -> None:
+def test_exhaustion_answers_503_instead_of_hanging(seeded: None, dsn: str, tmp_path: Path) -> None:
     # With ATOMIC_REQUESTS the view's transaction borrows before the view runs.
     server = scenarios.start(
         dsn, tmp_path / "gunicorn.log", workers=1, max_size=2, timeout=1, atomic_requests=True

@@ -32,6 +32,7 @@ import pytest
 from gevent.event import Event
 
 from greenpool import CooperationError
+from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "deploy" / "gunicorn.conf.py"
@@ -109,18 +110,20 @@ def gunicorn(dsn: str, schema: None, tmp_path: Path) -> Iterator[Any]:
             )
         server = Gunicorn(proc, port, name, log)
         started.append(server)
-        deadline = time.monotonic() + 30
-        while True:
+
+        def serving() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"gunicorn exited:\n{server.log_text()}")
             try:
-                if server.request("GET", "/healthz")[0] == 200:
-                    return server
+                return server.request("GET", "/healthz")[0] == 200
             except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"gunicorn did not start:\n{server.log_text()}")
-            gevent.sleep(0.1)
+                return False
+
+        try:
+            wait_for(serving, 30, interval=0.1, what="gunicorn to serve")
+        except AssertionError as ex:
+            raise AssertionError(f"{ex}; its log:\n{server.log_text()}") from None
+        return server
 
     yield start
     for server in started:
@@ -226,10 +229,12 @@ def test_load_bounded_connections_and_clean_shutdown(gunicorn: Any, dsn: str) ->
 
     assert server.stop() == 0
     with psycopg.connect(dsn, autocommit=True) as conn:
-        deadline = time.monotonic() + 10
-        while backends_by_app(conn, server.name) and time.monotonic() < deadline:
-            gevent.sleep(0.05)
-        assert backends_by_app(conn, server.name) == {}
+        wait_for(
+            lambda: backends_by_app(conn, server.name) == {},
+            10,
+            interval=0.05,
+            what="every worker's backends to go",
+        )
     log = server.log_text()
     assert len(re.findall(rf"pool '{server.name}' closed", log)) == WORKERS, log
     assert "Traceback" not in log, log
@@ -383,7 +388,7 @@ def test_worker_exit_closes_pools_and_abort_dumps_greenlets(
 
     app = Flask("exittest")
     app.config.update(GREENPOOL_CONNINFO=dsn, GREENPOOL_MIN_SIZE=1)
-    db = GreenPool(app)
+    db: Any = GreenPool(app)  # init_app turns it into the app's Flask pool
     pool = db.get_pool(app=app)
     pool.wait(10)
     worker = fake_worker(app)

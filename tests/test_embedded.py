@@ -34,7 +34,7 @@ def test_dsn_names_a_private_passfile_never_the_password(embedded: EmbeddedPostg
     params = conninfo_to_dict(embedded.dsn())
     assert "password" not in params
     assert params["host"] == "127.0.0.1" and params["user"] == "postgres"
-    passfile = Path(params["passfile"])
+    passfile = Path(str(params["passfile"]))
     assert stat.S_IMODE(passfile.stat().st_mode) == 0o600
     assert passfile.stat().st_uid == os.geteuid()
     with psycopg.connect(embedded.dsn(), autocommit=True) as conn:
@@ -125,7 +125,7 @@ def _assert_locked_out(account: pwd.struct_passwd, bindir: Path, dsn: str) -> No
         "tcp, the owner's passfile": (tcp, {"PGPASSFILE": str(params["passfile"])}),
         "passfile in the dsn": (dsn, {}),
         "unix socket": (
-            make_conninfo({"host": str(Path(params["passfile"]).parent / "sock"),
+            make_conninfo({"host": str(Path(str(params["passfile"])).parent / "sock"),
                            "port": params["port"], "user": "postgres", "dbname": "postgres"}),
             {},
         ),

@@ -1,10 +1,10 @@
 """Fault scenarios against a real server: restarts, terminated backends, black holes,
 refused connections, kills at random points, a slow server and a mixed soak.
 
-Each scenario runs the bounded load generator of ``tests/loadgen.py`` (200 greenlets over
+Each scenario runs the bounded load generator of ``tests/support/loadgen.py`` (200 greenlets over
 a pool of max 10 by default), asserts what greenpool guarantees, and reports its figures:
 printed, and appended as a JSON line to ``$GREENPOOL_FAULT_RESULTS`` (see RELIABILITY.md,
-whose table is rendered from that file by ``python -m tests.loadgen render``).
+whose table is rendered from that file by ``python -m tests.support.loadgen render``).
 
 Network faults go through the in-process :class:`~tests.support.faultproxy.FaultProxy`;
 server faults use the private cluster (these tests need it: they are skipped when
@@ -16,7 +16,7 @@ Environment: ``GREENPOOL_FAULT_WORKERS`` (200), ``GREENPOOL_SOAK_SECONDS`` (60),
 
 from __future__ import annotations
 
-import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -31,7 +31,9 @@ import pytest
 from gevent.event import Event
 
 from greenpool import ConnectError, GreenPool, PoolTimeout
-from tests.loadgen import (
+from tests.support.faultproxy import FaultProxy
+from tests.support.invariants import backend_pids, settled
+from tests.support.loadgen import (
     CUT,
     HUNG,
     KILLED,
@@ -39,10 +41,9 @@ from tests.loadgen import (
     LoadGen,
     record_result,
     rss_mb,
-    wait_for,
 )
-from tests.support.faultproxy import FaultProxy
 from tests.support.pgcluster import PgCluster
+from tests.support.waiting import wait_for
 
 WORKERS = int(os.environ.get("GREENPOOL_FAULT_WORKERS", "200"))
 SOAK_SECONDS = float(os.environ.get("GREENPOOL_SOAK_SECONDS", "60"))
@@ -52,25 +53,7 @@ MAX = 10
 # running 200 greenlets, the proxy and the server.
 MARGIN = 0.25
 
-# Open pool bugs (RELIABILITY.md, "Open issues"). Their targeted tests are
-# xfail(strict=True): when a fix lands they XPASS and fail, so remove the mark then.
-BUG_SHORT_PING = (
-    "pool bug: a checkout ping cut short by the borrower's deadline discards the "
-    "connection, so a short acquire timeout destroys healthy connections"
-)
-BUG_SWALLOWED_KILL = (
-    "pool bug: a kill or gevent.Timeout during the checkout ping or the reset on release "
-    "is swallowed (psycopg 3 driver restores autocommit in a finally on an ACTIVE "
-    "connection, raising ProgrammingError instead)"
-)
-BUG_PSYCOPG2_CANCEL = (
-    "pool bug: psycopg2's conn.cancel() runs PQcancel holding the GIL; in gevent's "
-    "thread pool it still stops every greenlet (forever on a black-holed network)"
-)
-# The chaos scenarios report swallowed kills; they require none once this is False.
-SWALLOWED_KILLS_OPEN = False
-
-Factory = Callable[..., GreenPool]
+Factory = Callable[..., GreenPool[Any]]
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -87,28 +70,13 @@ def via(cluster: PgCluster, proxy: FaultProxy, **extra: Any) -> str:
     return cluster.dsn(host=proxy.host, port=proxy.port, **extra)
 
 
-def settle(pool: GreenPool, cluster: PgCluster, timeout: float = 15.0) -> dict[str, Any]:
-    """Wait until nothing is in flight and the server agrees with the pool; its stats."""
+def check_invariants(pool: GreenPool[Any], cluster: PgCluster) -> dict[str, Any]:
+    """After the load stopped: nothing lost, nothing running, the server agrees.
 
-    def quiet() -> bool:
-        s = pool.stats()
-        return s["acquired"] == s["constructing"] == s["closing"] == s["waiting"] == 0
-
-    wait_for(quiet, timeout, what=f"pool {pool.name} to settle: {pool.stats()}")
-    wait_for(
-        lambda: quiet() and cluster.backend_count(pool.name) == pool.stats()["total"],
-        timeout,
-        interval=0.05,
-        what="the server's backends to match the pool's connections",
-    )
-    return pool.stats()
-
-
-def check_invariants(pool: GreenPool, cluster: PgCluster) -> dict[str, Any]:
-    """After the load stopped: nothing lost, nothing running, counters consistent."""
-    s = settle(pool, cluster)
-    assert s["total"] == s["idle"] + s["acquired"] + s["constructing"], s
-    assert s["total"] <= s["max_size"], s
+    Settled: nothing acquired, constructing, closing or waiting, and the server's
+    backends of the pool are exactly the pool's connections (at most max_size); every
+    count >= 0; every lent connection came back."""
+    s = settled(pool, cluster)
     assert s["acquire_count"] == s["returns_count"], f"a lent connection never came back: {s}"
     active = cluster.active_queries(pool.name)
     assert not active, f"queries left running on the server: {active}"
@@ -236,11 +204,6 @@ def test_server_restart_under_load(cluster: PgCluster, make_pool: Factory) -> No
 # --------------------------------------------------------------------------- 2. terminated
 
 
-def backend_pids(cluster: PgCluster, name: str) -> set[int]:
-    rows = cluster.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", [name])
-    return {int(r[0]) for r in rows}
-
-
 @pytest.mark.slow
 def test_idle_backends_terminated_are_replaced_before_anyone_sees_an_error(
     cluster: PgCluster, make_pool: Factory
@@ -349,17 +312,28 @@ def test_busy_backends_terminated_give_one_error_then_work(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+@pytest.mark.parametrize("given", ["keyword", "conninfo"])
 def test_blackhole_connect_is_bounded_by_connect_timeout(
-    cluster: PgCluster, proxy: FaultProxy, make_pool: Factory
+    cluster: PgCluster, proxy: FaultProxy, make_pool: Factory, driver: str, given: str
 ) -> None:
+    """libpq ignores connect_timeout in the asynchronous mode both drivers use under
+    gevent: the pool enforces it, whether it is a keyword or in the conninfo (the
+    default, 10 s, would show)."""
     proxy.blackhole()
-    pool = make_pool(via(cluster, proxy), open=False, connect_timeout=1.0)
+    if given == "keyword":
+        pool = make_pool(via(cluster, proxy), open=False, connect_timeout=1.0, driver=driver)
+    else:
+        pool = make_pool(via(cluster, proxy, connect_timeout=1), open=False, driver=driver)
+    assert pool.settings.connect_timeout == 1.0
     t0 = time.monotonic()
     with pytest.raises(ConnectError, match="timed out") as info:
         pool.open(wait=True, timeout=30)
     took = time.monotonic() - t0
     assert took <= 1.0 + MARGIN, took
     assert pool.closed
+    if (driver, given) != ("psycopg", "keyword"):
+        return
     record_result(
         "3a. black hole: connect",
         {"connect_timeout_s": 1.0, "open_wait_s": round(took, 3), "error": str(info.value)},
@@ -414,15 +388,25 @@ def test_short_acquire_timeout_never_discards_healthy_connections(
     wait_for(lambda: pool.stats()["idle"] == MAX, 10, what="10 idle")
     before = backend_pids(cluster, pool.name)
     proxy.set_latency(0.005)  # a 10 ms round trip, like a LAN under load
+    timed_out = 0
     for timeout in (0, 0.004):
         # PoolTimeout is allowed (nothing could be verified in time), destruction is not.
-        with contextlib.suppress(PoolTimeout):
+        try:
             pool.putconn(pool.getconn(timeout=timeout))
+        except PoolTimeout:
+            timed_out += 1
+    assert timed_out, "every acquire was served in time: the cut-short check never ran"
+    # The checks the borrowers gave up on finish in the background: wait for them (every
+    # connection idle again) before judging what they did.
+    wait_for(
+        lambda: pool.stats()["idle"] == MAX and pool.stats()["closing"] == 0,
+        10,
+        what="the background checks to finish",
+    )
     proxy.heal()
     stats = pool.stats()
-    assert stats["broken_destroy_count"] == 0, (
-        f"a short acquire timeout destroyed {stats['broken_destroy_count']} healthy "
-        f"connections: {stats}"
+    assert stats["broken_destroy_count"] == 0 and stats["new_conns_count"] == MAX, (
+        f"a short acquire timeout destroyed healthy connections: {stats}"
     )
     assert backend_pids(cluster, pool.name) == before
 
@@ -524,8 +508,16 @@ def test_blackhole_under_load_is_bounded_and_heals(
     latency = lg.latency_hist("blackhole")
     assert waits.max <= timeout + MARGIN, waits.summary()
     assert latency.max <= timeout + query_timeout + MARGIN, latency.summary()
-    assert pool._maintenance.running, "the maintenance greenlet died"
     stats = check_invariants(pool, cluster)
+    # The maintenance greenlet survived the black hole: with nobody borrowing, its health
+    # check still finds dead idle connections.
+    failed_checks = stats["check_failed_count"]
+    cluster.terminate_backends(pool.name)
+    wait_for(
+        lambda: pool.stats()["check_failed_count"] > failed_checks,
+        10,
+        what="the maintenance greenlet's health check to find the terminated backends",
+    )
     recovery = first_ok - t_heal
     record_result(
         "3d. black hole under load",
@@ -569,6 +561,36 @@ def test_refused_at_startup_open_wait_fails_fast(
         headline=f"ConnectError after {took * 1e3:.0f} ms",
         rerun=rerun(),
     )
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_close_while_connecting_leaves_no_backend_until_a_garbage_collection(
+    cluster: PgCluster, proxy: FaultProxy, make_pool: Factory, driver: str
+) -> None:
+    """close() kills the connectors; one killed mid-handshake must close its half-open
+    connection at once (it used to stay referenced from a reference cycle, and its server
+    backend with it, until Python's garbage collector ran)."""
+    proxy.set_latency(0.1)  # a handshake of several round trips: a wide window
+    was_enabled = gc.isenabled()
+    gc.disable()  # what the collector would hide
+    try:
+        pool = make_pool(via(cluster, proxy), min_size=1, max_size=1, driver=driver)
+        wait_for(
+            lambda: cluster.backend_count(pool.name) == 1 and pool.stats()["constructing"] == 1,
+            10,
+            interval=0.005,
+            what="a backend on the server while the pool is still connecting",
+        )
+        pool.close(timeout=0)
+        wait_for(
+            lambda: cluster.backend_count(pool.name) == 0,
+            5,
+            what="the half-open connection's backend to go",
+        )
+    finally:
+        if was_enabled:
+            gc.enable()
+        proxy.heal()
 
 
 def test_connect_error_carries_the_driver_error_as_cause(
@@ -622,10 +644,13 @@ def test_refused_at_startup_backs_off_then_serves(
         log.setLevel(old_level)
     start = attempts[0]
     schedule = [round(b - a, 2) for a, b in itertools.pairwise(attempts)]
-    # Exponential backoff 0.1, 0.2, 0.4, 0.8, 1.6 s (+/- 20% jitter), capped at 2 s.
+    assert len(schedule) >= 5, f"only {len(attempts)} logged attempts: {schedule}"
+    # Exponential backoff 0.1, 0.2, 0.4, 0.8, 1.6 s (+/- 20% jitter), capped at 2 s. A
+    # sleep never ends early; on a loaded machine it may end late (up to twice).
     for n, interval in enumerate(schedule[:5]):
         expected = min(2.0, 0.1 * 2**n)
-        assert 0.75 * expected <= interval <= 1.25 * expected + 0.05, (n, schedule)
+        assert 0.75 * expected <= interval <= 2 * 1.2 * expected + 0.05, (n, schedule)
+    assert schedule[4] > schedule[0] * 4, f"the intervals do not grow: {schedule}"
     assert served <= 2.0 * 1.2 + MARGIN, served
     record_result(
         "4b. refused at startup: backoff",
@@ -664,7 +689,9 @@ def chaos_query(rng: random.Random) -> Callable[[Any], None]:
 
 @pytest.mark.slow
 def test_kills_and_timeouts_at_random_points(cluster: PgCluster, make_pool: Factory) -> None:
-    duration = 8.0
+    # Runs until enough kills and timeouts happened (about 8 s on an idle 2-core machine),
+    # not for a fixed time: a loaded machine takes longer but checks as much.
+    wanted, limit = 1000, 90.0
     rng = random.Random(SEED)
     pool = make_pool(
         min_size=2,
@@ -676,26 +703,24 @@ def test_kills_and_timeouts_at_random_points(cluster: PgCluster, make_pool: Fact
         reset="light",  # a round trip on release: kill points while releasing
     )
     pool.wait(10)
-    # At least `duration` seconds, then on until 1000 kills and 1000 timeouts happened
-    # (a loaded machine gets through fewer per second), but never past `longest`.
-    longest = 4 * duration
     lg = LoadGen(
         pool,
         workers=WORKERS,
         timeout=0.5,
-        duration=longest + 30,
+        duration=limit + 30,
         query=chaos_query(rng),
         cut=lambda r: r.uniform(0.0, 0.03) if r.random() < 0.3 else None,
         seed=SEED,
     ).start()
     kills = swallowed = 0
-    t_start = time.monotonic()
-    t_end, t_limit = t_start + duration, t_start + longest
+    t0 = time.monotonic()
     try:
-        for _ in range(400_000):
-            now = time.monotonic()
-            if now >= t_limit or (now >= t_end and kills >= 1000 and lg.outcomes()[CUT] >= 1000):
+        for _ in range(1_000_000):
+            if kills >= wanted and lg.outcomes()[CUT] >= wanted:
                 break
+            assert time.monotonic() - t0 < limit, (
+                f"only {kills} kills and {lg.outcomes()[CUT]} timeouts in {limit:g} s"
+            )
             gevent.sleep(rng.uniform(0, 0.004))
             i = rng.randrange(WORKERS)
             victim = lg.greenlet(i)
@@ -708,7 +733,7 @@ def test_kills_and_timeouts_at_random_points(cluster: PgCluster, make_pool: Fact
                 continue
             lg.spawn_worker(i)
     finally:
-        seconds = time.monotonic() - t_start
+        seconds = time.monotonic() - t0
         lg.stop()
     assert_no_hang(lg)
     outcomes = lg.outcomes()
@@ -736,9 +761,8 @@ def test_kills_and_timeouts_at_random_points(cluster: PgCluster, make_pool: Fact
         f"dirty {lg.bad_state}, swallowed kills {swallowed}",
         rerun=rerun(),
     )
-    assert kills >= 1000 and cuts >= 1000, (kills, cuts)
-    if not SWALLOWED_KILLS_OPEN:
-        assert swallowed == 0, f"{swallowed} kills were swallowed by the pool"
+    assert kills >= wanted and cuts >= wanted, (kills, cuts)
+    assert swallowed == 0, f"{swallowed} kills were swallowed by the pool"
 
 
 def _wait_active(conn: Any) -> None:
@@ -819,11 +843,22 @@ import sys, time
 from gevent import monkey
 monkey.patch_all()
 import gevent
+import gevent.select
+import psycopg2.extensions as ext
 from greenpool import GreenPool
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            print(f"timed out waiting for {what}", flush=True)
+            sys.exit(1)
+        gevent.sleep(0.005)
 
 pool = GreenPool(sys.argv[1], driver="psycopg2", min_size=1, max_size=1, ping_timeout=1.0)
 pool.wait(10)
 gaps = []
+held = []
 
 def heartbeat():
     last = time.monotonic()
@@ -835,18 +870,29 @@ def heartbeat():
 
 def borrower():
     with pool.connection() as conn:
+        held.append(conn)
         conn.cursor().execute("SELECT pg_sleep(30)")
 
 gevent.spawn(heartbeat)
 g = gevent.spawn(borrower)
-gevent.sleep(0.5)
+wait_until(
+    lambda: held and held[0].info.transaction_status == ext.TRANSACTION_STATUS_ACTIVE,
+    10, "the query to be sent",
+)
 print("querying", flush=True)
-sys.stdin.readline()  # the parent black-holes the network, then says go
+# Wait for the parent's go without blocking the hub (a plain readline would stop every
+# greenlet, the one still sending the query included): it sees the query running on the
+# server, then black-holes the network.
+gevent.select.select([sys.stdin], [], [])
+sys.stdin.readline()
 gaps.clear()
 t0 = time.monotonic()
 g.kill(block=True, timeout=5)
-gevent.sleep(1.5)  # the discard's cancel runs meanwhile
-print(f"kill_s={time.monotonic() - t0 - 1.5:.3f} max_gap_s={max(gaps):.3f}", flush=True)
+kill_s = time.monotonic() - t0
+ticks = len(gaps)
+wait_until(lambda: len(gaps) >= ticks + 2, 5, "the heartbeat to tick after the kill")
+wait_until(lambda: pool.stats()["acquired"] == pool.stats()["closing"] == 0, 5, "the release")
+print(f"kill_s={kill_s:.3f} max_gap_s={max(gaps):.3f} ticks={len(gaps)}", flush=True)
 pool.close(0)
 """
 
@@ -865,17 +911,32 @@ def test_psycopg2_kill_mid_query_does_not_freeze_the_process(
         [sys.executable, "-c", _PSYCOPG2_CHILD, via(cluster, proxy, application_name="gp_pg2")],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     assert child.stdin is not None and child.stdout is not None
+    err = ""
     try:
         with gevent.Timeout(20):
-            assert child.stdout.readline().strip() == "querying"
+            line = child.stdout.readline().strip()
+        assert line == "querying", line
+        seen: list[Any] = []
+
+        def running() -> bool:
+            seen[:] = cluster.execute(
+                "SELECT state, query FROM pg_stat_activity WHERE application_name = 'gp_pg2'"
+            )
+            return seen == [("active", "SELECT pg_sleep(30)")]
+
+        try:
+            wait_for(running, 10)
+        except AssertionError:
+            raise AssertionError(f"the child's query is not running: {seen}") from None
         proxy.blackhole()  # the network fails while the query runs
         try:
-            out, _ = child.communicate("go\n", timeout=15)
+            out, err = child.communicate("go\n", timeout=20)
         except subprocess.TimeoutExpired:
-            out = "froze: no output within 15 s"
+            out = "froze: no output within 20 s"
     finally:
         if child.poll() is None:
             child.kill()
@@ -888,7 +949,8 @@ def test_psycopg2_kill_mid_query_does_not_freeze_the_process(
         headline=out.strip(),
         rerun=rerun(),
     )
-    assert out.startswith("kill_s="), f"the psycopg2 process {out}"
+    assert out.startswith("kill_s="), f"the psycopg2 process {out}\n{err}"
+    assert "Traceback" not in err, err
     figures = dict(item.split("=") for item in out.split())
     assert float(figures["max_gap_s"]) < 0.5, out
 
@@ -922,7 +984,7 @@ def test_slow_server_bounds_hold(cluster: PgCluster, proxy: FaultProxy, make_poo
     late = lg.timeout_waits
     lateness_p99 = late.quantile(0.99) - timeout
     assert late.n > 0
-    assert late.quantile(0.99) <= timeout + 0.1, late.summary()
+    assert late.quantile(0.99) <= timeout + 0.2, late.summary()  # twice a 100 ms target
     assert late.max <= timeout + MARGIN, late.summary()
     waits = lg.wait_hist()
     check_invariants(pool, cluster)
@@ -964,7 +1026,7 @@ def test_slow_server_waiters_are_served_in_order(
     greenlets = []
     for i in range(n):
         greenlets.append(gevent.spawn(borrower, i))
-        wait_for(lambda i=i: pool.stats()["waiting"] == i + 1, 5, interval=0.001)
+        wait_for(lambda: pool.stats()["waiting"] == len(greenlets), 5, interval=0.001)
     for conn in held:
         pool.putconn(conn)
     gevent.joinall(greenlets, timeout=30, raise_error=True)
@@ -985,7 +1047,7 @@ def test_slow_server_waiters_are_served_in_order(
 def _soak_faults(
     cluster: PgCluster,
     proxy: FaultProxy,
-    pool: GreenPool,
+    pool: GreenPool[Any],
     lg: LoadGen,
     rng: random.Random,
     until: float,
@@ -1137,6 +1199,5 @@ def test_soak_mixed_faults(cluster: PgCluster, proxy: FaultProxy, make_pool: Fac
     assert not unexpected, (unexpected, lg.errors_seen)
     assert not over_wait, f"an acquire took {waits.max:.2f} s (timeout {timeout:g} s)"
     assert latency.max <= timeout + query_timeout + MARGIN, latency.summary()
-    if not SWALLOWED_KILLS_OPEN:
-        assert injected.get("kills_swallowed", 0) == 0, injected
+    assert injected.get("kills_swallowed", 0) == 0, injected
     assert rss_end - rss_start <= 25, (rss_start, rss_end)

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from greenpool import CooperationError, PoolError
 from greenpool.api import GreenPool as CorePool
 from greenpool.flask import GreenPool, stats_blueprint
+from tests.support.waiting import wait_for
 
 TABLE = "flask_test_items"
 MakeApp = Callable[..., tuple[Flask, GreenPool]]
@@ -40,14 +41,6 @@ def rows_tagged(dsn: str, tag: str) -> int:
         row = conn.execute(f"SELECT count(*) FROM {TABLE} WHERE tag = %s", (tag,)).fetchone()
         assert row is not None
         return int(row[0])
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        gevent.sleep(0.01)
 
 
 def build_app(db: GreenPool, dsn: str, **config: Any) -> Flask:
@@ -332,7 +325,7 @@ def test_full_wait_queue_becomes_503(make_app: MakeApp) -> None:
     held = pool.getconn()
     waiter = gevent.spawn(app.test_client().get, "/db")
     try:
-        wait_until(lambda: pool.stats()["waiting"] == 1)
+        wait_for(lambda: pool.stats()["waiting"] == 1)
         response = app.test_client().get("/db")
         assert response.status_code == 503
         assert "Retry-After" in response.headers

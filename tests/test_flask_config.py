@@ -36,7 +36,7 @@ def test_alias_and_state_location() -> None:
 
 
 def test_extension_does_not_store_the_app() -> None:
-    db = GreenPool()
+    db: Any = GreenPool()  # init_app turns it into a Flask handle
     first, second = make_app(GREENPOOL_CONNINFO=DSN), make_app(DATABASE_URL=DSN)
     db.init_app(first)
     db.init_app(second)

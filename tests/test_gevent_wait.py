@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
 
 import gevent
 import gevent.event
 import psycopg
 import pytest
-from psycopg import errors, waiting
+from psycopg import errors, pq, waiting
 
 from greenpool import GreenPool
 from greenpool.drivers import gevent_wait
+from tests.support.hygiene import outcome
+from tests.support.server import Server
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
-def conn(dsn: str, make_pool: Callable[..., GreenPool]) -> Iterator[psycopg.Connection]:
+def conn(dsn: str, make_pool: Callable[..., GreenPool[Any]]) -> Iterator[psycopg.Connection]:
     make_pool(min_size=0)  # creating a pool installs the wait functions
     assert gevent_wait.installed()
     with psycopg.connect(dsn, autocommit=True) as c:
@@ -30,7 +34,7 @@ def test_compatible_with_this_psycopg_and_selftest_passes() -> None:
 
 
 def test_pool_installs_it_and_uninstall_restores_psycopg_own(
-    make_pool: Callable[..., GreenPool],
+    make_pool: Callable[..., GreenPool[Any]],
 ) -> None:
     make_pool(min_size=0)
     assert waiting.wait is gevent_wait.wait
@@ -72,22 +76,27 @@ def test_gevent_timeout_mid_query_propagates_and_leaks_no_watcher(
     assert loop.activecnt <= before
 
 
-def test_socket_closed_under_a_waiter_raises_instead_of_hanging(dsn: str, conn: object) -> None:
-    victim_conn = psycopg.connect(dsn, autocommit=True)
-    outcome: list[BaseException] = []
-
-    def victim() -> None:
-        try:
-            victim_conn.execute("SELECT pg_sleep(3)")
-        except BaseException as ex:
-            outcome.append(ex)
-
-    g = gevent.spawn(victim)
-    gevent.sleep(0.05)
+def test_socket_closed_under_a_waiter_raises_instead_of_hanging(
+    dsn: str, admin: Server, conn: object
+) -> None:
+    app = "gp_gevent_wait_victim"
+    victim_conn = psycopg.connect(dsn, autocommit=True, application_name=app)
+    g = gevent.spawn(outcome, victim_conn.execute, "SELECT pg_sleep(3)")
+    # The query is on its way (the client sent it) and running (the server has it): the
+    # greenlet is waiting for the result when the socket goes.
+    wait_for(
+        lambda: (
+            victim_conn.pgconn.transaction_status == pq.TransactionStatus.ACTIVE
+            and len(admin.active_queries(app)) == 1
+        ),
+        5,
+        interval=0.005,
+        what="the victim's query to be running",
+    )
     start = time.monotonic()
     victim_conn.pgconn.finish()
-    g.join(timeout=2)
-    assert outcome and isinstance(outcome[0], psycopg.OperationalError), outcome
+    result = g.get(timeout=2)
+    assert isinstance(result, psycopg.OperationalError), result
     assert time.monotonic() - start < 1.0
 
 
@@ -102,13 +111,18 @@ def test_connect_timeout_against_a_silent_listener(conn: object) -> None:
         assert 0.8 < time.monotonic() - start < 3.0
 
 
-def test_queries_stay_concurrent(dsn: str, conn: object) -> None:
-    conns = [psycopg.connect(dsn, autocommit=True) for _ in range(10)]
-    start = time.monotonic()
-    gevent.joinall([gevent.spawn(c.execute, "SELECT pg_sleep(0.2)") for c in conns])
-    assert time.monotonic() - start < 0.6
-    for c in conns:
-        c.close()
+def test_queries_stay_concurrent(dsn: str, admin: Server, conn: object) -> None:
+    """Ten queries from ten greenlets run on the server at the same time (a blocking wait
+    would let only one run at a time)."""
+    app = "gp_gevent_wait_concurrent"
+    conns = [psycopg.connect(dsn, autocommit=True, application_name=app) for _ in range(10)]
+    try:
+        jobs = [gevent.spawn(c.execute, "SELECT pg_sleep(1)") for c in conns]
+        wait_for(lambda: len(admin.active_queries(app)) == 10, 5, what="10 queries at once")
+        gevent.joinall(jobs, timeout=10, raise_error=True)
+    finally:
+        for c in conns:
+            c.close()
 
 
 def _kept(fileno: int) -> object:
@@ -151,7 +165,7 @@ def test_kept_timer_ticks_at_psycopg_interval_and_two_waiters_on_one_fd_both_wak
     ticks = [0, 0]
     fed = gevent.event.Event()
 
-    def reader(i: int) -> Iterator[int]:
+    def reader(i: int) -> Generator[int, int, int]:
         ready = yield waiting.Wait.R
         while not ready:
             ticks[i] += 1
@@ -177,7 +191,7 @@ def test_a_socket_reusing_a_closed_ones_fd_without_a_hub_turn_is_still_watched(
 ) -> None:
     # libev would keep believing the old file registered with epoll and never report the
     # new one: the wait then ticks at its interval forever.
-    def reader(sock: socket.socket) -> Iterator[int]:
+    def reader(sock: socket.socket) -> Generator[int, int, int]:
         ready = yield waiting.Wait.R
         while not ready:
             ready = yield waiting.Wait.R

@@ -59,9 +59,7 @@ def test_no_host_answering_fails_within_the_pools_connect_timeout(
 ) -> None:
     hole = dead_first_host
     conninfo = f"host={hole.host},{hole.host} port={hole.port},{hole.port} user=postgres"
-    pool = make_pool(
-        _with_auth(cluster, conninfo), driver=driver, connect_timeout=1.5, open=False
-    )
+    pool = make_pool(_with_auth(cluster, conninfo), driver=driver, connect_timeout=1.5, open=False)
     start = time.monotonic()
     with pytest.raises(ConnectError, match="no host accepted the connection"):
         pool.open(wait=True, timeout=15)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -19,18 +18,11 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from greenpool import GreenPool, PoolTimeout
 from greenpool import otel as gp_otel
+from tests.support.waiting import wait_for
 
 Factory = Callable[..., GreenPool[Any]]
 REPO = Path(__file__).resolve().parent.parent
 POOL = "db.client.connection.pool.name"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        gevent.sleep(0.01)
 
 
 class Reader:
@@ -79,7 +71,7 @@ def test_semconv_instruments_follow_the_pool(make_pool: Factory, otel: Reader) -
     a = pool.getconn()
     b = pool.getconn()
     waiter = gevent.spawn(pool.getconn, 5)
-    wait_until(lambda: pool.stats()["waiting"] == 1)
+    wait_for(lambda: pool.stats()["waiting"] == 1)
 
     busy = otel.points(pool.name)
     count = busy["db.client.connection.count"]
@@ -197,11 +189,11 @@ def test_a_connect_tracer_alone_leaves_the_borrow_path_alone(make_pool: Factory)
     assert "getconn" not in vars(pool)
     pool.open()
     pool.wait(10)
-    wait_until(lambda: len(seen) == 2)
+    wait_for(lambda: len(seen) == 2)
     assert all(0 < s < 10 for s in seen)
     remove()
     pool.reconnect_all()
-    wait_until(lambda: pool.stats()["new_conns_count"] == 4)
+    wait_for(lambda: pool.stats()["new_conns_count"] == 4)
     assert len(seen) == 2
 
 

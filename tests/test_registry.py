@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import gevent
@@ -14,15 +14,8 @@ import pytest
 import greenpool
 from greenpool import GreenPool, PoolTimeout
 from greenpool.registry import registered_pools
-from tests.fakedriver import FakeDriver
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        gevent.sleep(0.005)
+from tests.support.fakedriver import FakeDriver
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -70,7 +63,7 @@ def test_a_closed_pool_is_replaced_and_close_all_closes_everything(
 ) -> None:
     driver = FakeDriver()
     first = greenpool.get_pool("", driver=driver, name="reg_close")
-    direct = GreenPool("", driver=driver, name="reg_direct", open=True)  # type: ignore[arg-type]
+    direct: GreenPool[Any] = GreenPool("", driver=driver, name="reg_direct", open=True)
     first.close()
     second = greenpool.get_pool("", driver=driver, name="reg_close")
     assert second is not first and not second.closed
@@ -81,7 +74,7 @@ def test_a_closed_pool_is_replaced_and_close_all_closes_everything(
 
 def test_unhashable_setting_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="get_pool: setting 'check' is not hashable"):
-        greenpool.get_pool("", check=[1, {2}])  # type: ignore[arg-type]
+        greenpool.get_pool("", check=[1, {2}])
 
 
 def test_forked_child_gets_its_own_connections(fresh_registry: None, dsn: str, admin: Any) -> None:
@@ -113,13 +106,13 @@ def test_forked_child_gets_its_own_connections(fresh_registry: None, dsn: str, a
 
 def test_try_now_acquire_on_an_empty_pool_fails_at_once_but_starts_growing() -> None:
     driver = FakeDriver(connect_delay=0.001)
-    pool = GreenPool("", driver=driver, min_size=0, max_size=2, open=True)  # type: ignore[arg-type]
+    pool: GreenPool[Any] = GreenPool("", driver=driver, min_size=0, max_size=2, open=True)
     try:
         start = time.monotonic()
         with pytest.raises(PoolTimeout):
             pool.getconn(timeout=0)
         assert time.monotonic() - start < 0.5
-        wait_until(lambda: pool.stats()["idle"] >= 1, timeout=2)
+        wait_for(lambda: pool.stats()["idle"] >= 1, timeout=2)
         conn = pool.getconn(timeout=0)
         pool.putconn(conn)
     finally:
@@ -128,15 +121,15 @@ def test_try_now_acquire_on_an_empty_pool_fails_at_once_but_starts_growing() -> 
 
 def test_min_idle_is_refilled_by_the_checkout_not_the_next_tick() -> None:
     driver = FakeDriver(connect_delay=0.001)
-    pool = GreenPool(  # type: ignore[arg-type]
+    pool: GreenPool[Any] = GreenPool(
         "", driver=driver, min_size=0, max_size=5, min_idle=2, open=True
     )
     try:
-        wait_until(lambda: pool.stats()["idle"] == 2, timeout=2)
+        wait_for(lambda: pool.stats()["idle"] == 2, timeout=2)
         gevent.sleep(0)  # let the maintenance greenlet settle into its 1 s wait
         start = time.monotonic()
         held = pool.getconn(timeout=1)
-        wait_until(lambda: pool.stats()["idle"] == 2, timeout=2)
+        wait_for(lambda: pool.stats()["idle"] == 2, timeout=2)
         refill = time.monotonic() - start
         # The maintenance greenlet would take up to its 1 s interval.
         assert refill < 0.5, f"refilled after {refill:.3f} s: by the maintenance tick"
@@ -153,7 +146,7 @@ def test_a_check_that_always_fails_backs_off_instead_of_churning() -> None:
         raise OSError("the check always fails")
 
     driver = FakeDriver()
-    pool = GreenPool(  # type: ignore[arg-type]
+    pool: GreenPool[Any] = GreenPool(
         "",
         driver=driver,
         min_size=1,
@@ -179,7 +172,7 @@ def test_a_check_that_always_fails_backs_off_instead_of_churning() -> None:
 @pytest.mark.parametrize("name", ["", "x" * 64, "a\x00b", "new\nline", "caf\u00e9"])
 def test_pool_names_are_validated(name: str) -> None:
     if name == "":
-        assert GreenPool("", driver=FakeDriver(), name=name).name == "greenpool"  # type: ignore[arg-type]
+        assert GreenPool("", driver=FakeDriver(), name=name).name == "greenpool"
         return
     with pytest.raises(ValueError, match="name: expected 1-63 printable ASCII"):
-        GreenPool("", driver=FakeDriver(), name=name)  # type: ignore[arg-type]
+        GreenPool("", driver=FakeDriver(), name=name)

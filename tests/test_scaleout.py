@@ -20,18 +20,11 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from greenpool import GreenPool, PoolTimeout
-from tests.loadgen import record_result
+from tests.support.loadgen import record_result
 from tests.support.pgcluster import PgCluster
+from tests.support.waiting import wait_for
 
 Factory = Callable[..., GreenPool[Any]]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not met within {timeout} s")
-        gevent.sleep(0.01)
 
 
 def both_hosts(primary: PgCluster, other: PgCluster, **extra: Any) -> str:
@@ -92,13 +85,13 @@ def test_failover_under_write_load_recovers_quickly(
 
     writers = [gevent.spawn(writer) for _ in range(8)]
     try:
-        wait_until(lambda: len(ok_times) >= 50, 10, "writes before the failover")
+        wait_for(lambda: len(ok_times) >= 50, 10, what="writes before the failover")
         primary.stop()
         t_stopped = time.monotonic()
         standby.promote()
         t_promoted = time.monotonic()
         first_ok_after = len(ok_times)
-        wait_until(lambda: len(ok_times) > first_ok_after + 20, 20, "writes after promotion")
+        wait_for(lambda: len(ok_times) > first_ok_after + 20, 20, what="writes after promotion")
         recovery = next(t for t in ok_times[first_ok_after:]) - t_promoted
     finally:
         stop.set()
@@ -199,7 +192,7 @@ def replica_pool(make_pool: Factory, primary: PgCluster, standby: Any, **kw: Any
     kw.setdefault("replica_check_period", 0.1)
     pool = make_pool(primary.dsn(), min_size=1, max_size=3, replicas=[standby.dsn()], **kw)
     pool.wait(10)
-    wait_until(lambda: pool.stats()["replicas"][0]["healthy"], 10, "replica measured")
+    wait_for(lambda: pool.stats()["replicas"][0]["healthy"], 10, what="replica measured")
     return pool
 
 
@@ -238,18 +231,21 @@ def test_a_lagging_replica_is_skipped_until_it_catches_up(
     try:
         with pool.connection() as conn:  # a commit the replica will not replay
             conn.execute("INSERT INTO gp_lag (v) VALUES ('behind')")
-        wait_until(lambda: not in_recovery(pool), 10, "reads moved to the primary")
+        wait_for(lambda: not in_recovery(pool), 10, what="reads moved to the primary")
         moved = time.monotonic() - t_paused
     finally:
         standby.resume_replay()
     t_resumed = time.monotonic()
-    wait_until(lambda: in_recovery(pool), 10, "reads back on the replica")
+    wait_for(lambda: in_recovery(pool), 10, what="reads back on the replica")
     back = time.monotonic() - t_resumed
     assert 0.4 <= moved <= 3.0, f"reads moved after {moved:.2f} s (max_replica_lag 0.5 s)"
     record_result(
         "10. replica lag",
-        {"max_replica_lag_s": 0.5, "moved_to_primary_s": round(moved, 2),
-         "back_on_replica_s": round(back, 2)},
+        {
+            "max_replica_lag_s": 0.5,
+            "moved_to_primary_s": round(moved, 2),
+            "back_on_replica_s": round(back, 2),
+        },
         guarantee="reads leave a replica lagging past max_replica_lag and come back",
         headline=f"reads left the paused replica after {moved:.2f} s, returned "
         f"{back:.2f} s after replay resumed",
@@ -267,7 +263,7 @@ def test_a_stopped_replica_falls_back_to_the_primary_within_the_timeout(
     for _ in range(5):
         assert in_recovery(pool) is False
     assert time.monotonic() - start < 3 * 5
-    wait_until(lambda: not pool.stats()["replicas"][0]["healthy"], 10, "replica marked down")
+    wait_for(lambda: not pool.stats()["replicas"][0]["healthy"], 10, what="replica marked down")
 
 
 def test_replica_fallback_fail_refuses_instead_of_reading_the_primary(
@@ -276,7 +272,7 @@ def test_replica_fallback_fail_refuses_instead_of_reading_the_primary(
     primary, standby = standby_pair
     pool = replica_pool(make_pool, primary, standby, replica_fallback="fail")
     standby.stop()
-    wait_until(lambda: not pool.stats()["replicas"][0]["healthy"], 10, "replica marked down")
+    wait_for(lambda: not pool.stats()["replicas"][0]["healthy"], 10, what="replica marked down")
     with pytest.raises(PoolTimeout, match="no healthy replica"):
         pool.getconn(read_only=True, timeout=1)
 
@@ -297,9 +293,7 @@ def test_read_your_writes_with_a_commit_token(
             assert seen.fetchone() == (1,), f"row{i} not visible after its token"
 
 
-def test_flask_read_conn_reads_its_own_writes(
-    standby_pair: tuple[PgCluster, Any]
-) -> None:
+def test_flask_read_conn_reads_its_own_writes(standby_pair: tuple[PgCluster, Any]) -> None:
     from flask import Flask
 
     primary, standby = standby_pair
@@ -331,7 +325,7 @@ def test_flask_read_conn_reads_its_own_writes(
     try:
         with app.app_context():
             pool = db.get_pool()
-            wait_until(lambda: pool.stats()["replicas"][0]["healthy"], 10, "replica measured")
+            wait_for(lambda: pool.stats()["replicas"][0]["healthy"], 10, what="replica measured")
         for i in range(10):
             assert client.post(f"/write/t{i}").json == {"seen": 1, "replica": False}
         assert client.get("/read").json == {"replica": True}
@@ -387,7 +381,7 @@ def run_bouncer_load(dsn: str, mode: str, processes: int = 2) -> Counter[str]:
 
 @pytest.mark.slow
 def test_transaction_pooling_needs_pooler_mode_for_prepared_statements(
-    make_pgbouncer: Callable[..., Any]
+    make_pgbouncer: Callable[..., Any],
 ) -> None:
     bouncer = make_pgbouncer(pool_mode="transaction", default_pool_size=4)
     started = time.monotonic()
@@ -398,9 +392,14 @@ def test_transaction_pooling_needs_pooler_mode_for_prepared_statements(
     assert sum(v for k, v in without.items() if k != "ok") > 0, without  # what it prevents
     record_result(
         "11. PgBouncer transaction pooling",
-        {"processes": 2, "greenlets": 500, "default_pool_size": 4,
-         "with_pooler_mode": dict(with_mode), "without": dict(without),
-         "seconds_with_mode": round(took, 1)},
+        {
+            "processes": 2,
+            "greenlets": 500,
+            "default_pool_size": 4,
+            "with_pooler_mode": dict(with_mode),
+            "without": dict(without),
+            "seconds_with_mode": round(took, 1),
+        },
         guarantee="0 errors through PgBouncer in transaction mode with pooler_mode",
         headline=f"500 greenlets x 8 prepared-eligible queries: {dict(with_mode)} with "
         f"pooler_mode='transaction', {dict(without)} without",
@@ -414,7 +413,11 @@ def test_pgbouncer_restart_and_pause_under_load(
 ) -> None:
     bouncer = make_pgbouncer(pool_mode="transaction", default_pool_size=4)
     pool = make_pool(
-        bouncer.dsn(), pooler_mode="transaction", min_size=2, max_size=6, timeout=3,
+        bouncer.dsn(),
+        pooler_mode="transaction",
+        min_size=2,
+        max_size=6,
+        timeout=3,
         check_idle_after=0.1,
     )
     pool.wait(10)
@@ -435,16 +438,16 @@ def test_pgbouncer_restart_and_pause_under_load(
 
     workers = [gevent.spawn(worker) for _ in range(20)]
     try:
-        wait_until(lambda: outcomes["ok"] >= 200, 20, "load through PgBouncer")
+        wait_for(lambda: outcomes["ok"] >= 200, 20, what="load through PgBouncer")
         bouncer.pause()
         gevent.sleep(0.5)
         bouncer.resume()
         resumed_at = outcomes["ok"]
-        wait_until(lambda: outcomes["ok"] >= resumed_at + 200, 20, "service after RESUME")
+        wait_for(lambda: outcomes["ok"] >= resumed_at + 200, 20, what="service after RESUME")
         errors_before_restart = sum(v for k, v in outcomes.items() if k != "ok")
         bouncer.restart()
         restarted_at = outcomes["ok"]
-        wait_until(lambda: outcomes["ok"] >= restarted_at + 200, 20, "service after restart")
+        wait_for(lambda: outcomes["ok"] >= restarted_at + 200, 20, what="service after restart")
     finally:
         stop.set()
         gevent.joinall(workers, timeout=10)

@@ -33,7 +33,7 @@ import psycopg
 import pytest
 
 from greenpool import ConnectError, GreenPool, PoolError
-from tests.loadgen import record_result
+from tests.support.loadgen import record_result
 from tests.support.pgcluster import (
     APP_PASSWORD,
     APP_USER,
@@ -61,7 +61,13 @@ SELECT pg_backend_pid(),
        pg_temp.gp_lastval_known()
 """
 FIELDS = (
-    "role", "setting", "temp table", "prepared stmt", "advisory lock", "LISTEN", "cursor",
+    "role",
+    "setting",
+    "temp table",
+    "prepared stmt",
+    "advisory lock",
+    "LISTEN",
+    "cursor",
     "lastval",
 )
 

@@ -4,7 +4,7 @@ Not part of the default run (marker ``side_by_side``; about 5 minutes): the figu
 records feed RELIABILITY.md's comparison table.
 
     python -m pytest -m side_by_side tests/test_side_by_side.py
-    python -m tests.loadgen render --compare        # the table
+    python -m tests.support.loadgen render --compare        # the table
 
 Each (pool, scenario) runs in a process of its own (``tests/support/side_by_side.py``),
 which patches gevent first and starts its own cluster, bounded by RUN_TIMEOUT: a run that

@@ -20,7 +20,8 @@ from sqlalchemy import event, exc, text
 from sqlalchemy.orm import Session
 
 from greenpool.sqlalchemy import GreenQueuePool
-from tests.support.ormsupport import backend_pids, sa_url, unique_name, wait_until
+from tests.support.ormsupport import backend_pids, sa_url, unique_name
+from tests.support.waiting import wait_for
 
 Engine = sa.engine.Engine
 
@@ -55,7 +56,7 @@ def test_queries_status_and_cap(make_engine: Any, dsn: str, driver: str) -> None
     held = [engine.connect() for _ in range(3)]
     for c in held:
         c.execute(text("SELECT 1"))
-    pids = {c.connection.dbapi_connection.info.backend_pid for c in held}  # type: ignore[union-attr]
+    pids = {c.connection.dbapi_connection.info.backend_pid for c in held}
     assert len(pids) == 3 and pids == backend_pids(dsn, app)  # three distinct live backends
     status = engine.pool.status()
     assert "Pool size: 2" in status and "Current Checked out connections: 3" in status, status
@@ -96,7 +97,7 @@ def test_pool_events_fire_as_for_queuepool(make_engine: Any, dsn: str) -> None:
     seen.clear()
     engine.dispose()
     assert "close" in seen
-    assert wait_until(lambda: not backend_pids(dsn, app))
+    wait_for(lambda: not backend_pids(dsn, app))
 
 
 def test_reset_on_return(make_engine: Any, dsn: str) -> None:
@@ -126,7 +127,7 @@ def test_reset_on_return(make_engine: Any, dsn: str) -> None:
     raw.cursor().execute("INSERT INTO sa_reset VALUES (3)")
     raw.close()
     raw = none_engine.raw_connection()
-    assert raw.dbapi_connection.info.transaction_status == 0  # type: ignore[union-attr]
+    assert raw.dbapi_connection.info.transaction_status == 0
     raw.close()
     with engine.connect() as conn4:
         assert conn4.execute(text("SELECT count(*) FROM sa_reset")).scalar() == 1
@@ -144,10 +145,10 @@ def test_dispose_and_recreate(make_engine: Any, dsn: str) -> None:
     old_pool = engine.pool
     engine.dispose()  # idle one closed now; the checked-out one when it comes back
     assert engine.pool is not old_pool and isinstance(engine.pool, GreenQueuePool)
-    assert wait_until(lambda: len(backend_pids(dsn, app)) == 1)
+    wait_for(lambda: len(backend_pids(dsn, app)) == 1)
     assert out.execute(text("SELECT 2")).scalar() == 2  # still usable
     out.close()
-    assert wait_until(lambda: not backend_pids(dsn, app))
+    wait_for(lambda: not backend_pids(dsn, app))
     with engine.connect() as c:  # the new pool works, with the old pool's listeners
         assert c.execute(text("SELECT 3")).scalar() == 3
     assert len(checkins) == 3
@@ -183,7 +184,7 @@ def test_dispose_close_false_in_a_forked_child(make_engine: Any, dsn: str) -> No
     # The parent's connection survived the child, untouched.
     with engine.connect() as c:
         assert c.execute(text("SELECT pg_backend_pid()")).scalar() == parent_pid
-    assert wait_until(lambda: backend_pids(dsn, app) == {parent_pid})
+    wait_for(lambda: backend_pids(dsn, app) == {parent_pid})
 
 
 def test_disconnect_invalidates_and_recovers(make_engine: Any, admin: Any, dsn: str) -> None:
@@ -221,7 +222,7 @@ def test_recycle_retires_old_connections(make_engine: Any, dsn: str) -> None:
     assert engine.pool.greenpool.settings.max_lifetime == 1.0
     with engine.connect() as c:
         first = c.execute(text("SELECT pg_backend_pid()")).scalar()
-    assert wait_until(lambda: first not in backend_pids(dsn, app), timeout=10)
+    wait_for(lambda: first not in backend_pids(dsn, app), timeout=10)
     with engine.connect() as c:
         assert c.execute(text("SELECT pg_backend_pid()")).scalar() != first
 
@@ -266,12 +267,12 @@ def test_killed_mid_query_cancels_on_the_server(make_engine: Any, admin: Any, ds
 
     g = gevent.spawn(sleeper)
     assert started.wait(5)
-    assert wait_until(lambda: any("pg_sleep" in q.query for q in admin.active_queries(app)))
+    wait_for(lambda: any("pg_sleep" in q.query for q in admin.active_queries(app)))
     g.kill(timeout=5)
     # SQLAlchemy invalidated the connection; greenpool cancelled the query first, so the
     # backend goes away at once (closing alone leaves it running pg_sleep for 30 s).
-    assert wait_until(lambda: not admin.active_queries(app), timeout=5)
-    assert wait_until(lambda: len(backend_pids(dsn, app)) <= 2, timeout=5)
+    wait_for(lambda: not admin.active_queries(app), timeout=5)
+    wait_for(lambda: len(backend_pids(dsn, app)) <= 2, timeout=5)
     with engine.connect() as c:
         assert c.execute(text("SELECT 1")).scalar() == 1
     stats = engine.pool.greenpool.stats()
@@ -313,7 +314,7 @@ def test_session_dropped_without_close_is_returned(
         with caplog.at_level("ERROR", logger="sqlalchemy.pool"):
             gevent.get_hub().loop.run_callback(collect_in_hub)
             assert done.wait(5)
-            assert wait_until(lambda: engine.pool.checkedout() == 0, timeout=5)
+            wait_for(lambda: engine.pool.checkedout() == 0, timeout=5)
     finally:
         gc.enable()
     assert errors == [] and invalidated == []

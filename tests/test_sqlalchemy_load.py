@@ -21,7 +21,8 @@ from sqlalchemy import event, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from greenpool.sqlalchemy import GreenQueuePool
-from tests.support.ormsupport import backend_pids, sa_url, unique_name, wait_until
+from tests.support.ormsupport import backend_pids, sa_url, unique_name
+from tests.support.waiting import wait_for
 
 POOL_SIZE = 10
 WORKERS = 200
@@ -77,13 +78,13 @@ class Guard:
 
 def settle_and_check(engine: sa.engine.Engine, app: str, dsn: str, admin: Any) -> dict[str, Any]:
     pool: GreenQueuePool = engine.pool  # type: ignore[assignment]
-    assert wait_until(lambda: pool.checkedout() == 0, timeout=10), pool.status()
+    wait_for(lambda: pool.checkedout() == 0, timeout=10)
     gp = pool.greenpool
-    assert wait_until(lambda: gp.stats()["constructing"] == gp.stats()["closing"] == 0)
+    wait_for(lambda: gp.stats()["constructing"] == gp.stats()["closing"] == 0)
     stats = gp.stats()
     assert stats["acquired"] == 0 and stats["acquire_count"] == stats["returns_count"], stats
-    assert wait_until(lambda: len(backend_pids(dsn, app)) == gp.stats()["total"], timeout=10)
-    assert wait_until(lambda: not admin.active_queries(app), timeout=10)
+    wait_for(lambda: len(backend_pids(dsn, app)) == gp.stats()["total"], timeout=10)
+    wait_for(lambda: not admin.active_queries(app), timeout=10)
     # Every slot can be borrowed at once: nothing was leaked.
     held = [engine.connect() for _ in range(POOL_SIZE)]
     pids = {c.execute(text("SELECT pg_backend_pid()")).scalar() for c in held}
@@ -226,4 +227,4 @@ def test_kills_and_timeouts_inside_orm_sessions(dsn: str, admin: Any) -> None:
     assert ops > 1000
     Base.metadata.drop_all(engine)
     engine.dispose()
-    assert wait_until(lambda: not backend_pids(dsn, app))
+    wait_for(lambda: not backend_pids(dsn, app))

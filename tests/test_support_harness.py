@@ -14,7 +14,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from gevent.server import StreamServer
 from greenpool import embedded
 from tests.support import pgcluster
 from tests.support.faultproxy import FaultProxy
+from tests.support.hygiene import outcome
 from tests.support.pgcluster import (
     APP_PASSWORD,
     APP_USER,
@@ -35,21 +36,20 @@ from tests.support.pgcluster import (
     PgBinariesNotFoundError,
     PgCluster,
 )
+from tests.support.waiting import wait_for
 
 APP = "harness-test"
+
+
+# These tests make, stop and restart clusters of their own.
+pytestmark = pytest.mark.needs_restart
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[PgCluster]:
     """This module's own cluster (it stops and restarts it), shadowing the
     conftest's session cluster on purpose."""
-    try:
-        pg = PgCluster()
-    except PgBinariesNotFoundError:
-        if os.environ.get("GREENPOOL_TEST_DSN"):
-            pytest.skip("no PostgreSQL server binaries (GREENPOOL_TEST_DSN mode)")
-        raise
-    with pg:
+    with PgCluster() as pg:
         yield pg
 
 
@@ -70,16 +70,6 @@ def _proxied_dsn(cluster: PgCluster, proxy: FaultProxy, **extra: Any) -> str:
         sslmode="disable",
         **extra,
     )
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Test-side polling (the harness itself never polls)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        gevent.sleep(0.02)
-    return predicate()
 
 
 def _select_one(conn: psycopg.Connection[tuple[object, ...]]) -> object:
@@ -154,14 +144,13 @@ def test_active_queries(cluster: PgCluster) -> None:
     app = "harness-active"
     conn = psycopg.connect(cluster.dsn(APP_USER, APP_PASSWORD, application_name=app))
     try:
-        sleeper = gevent.spawn(conn.execute, "SELECT pg_sleep(30)")
-        assert _wait_for(lambda: len(cluster.active_queries(app)) == 1)
+        sleeper = gevent.spawn(outcome, conn.execute, "SELECT pg_sleep(30)")
+        wait_for(lambda: len(cluster.active_queries(app)) == 1)
         (active,) = cluster.active_queries(app)
         assert "pg_sleep" in active.query
         assert active.application_name == app
         assert cluster.terminate_backends(app) == 1
-        sleeper.join(timeout=5)
-        assert isinstance(sleeper.exception, psycopg.OperationalError)
+        assert isinstance(sleeper.get(timeout=5), psycopg.OperationalError)
         assert cluster.active_queries(app) == []
     finally:
         conn.close()
@@ -240,7 +229,7 @@ def test_proxy_forwards(cluster: PgCluster, proxy: FaultProxy) -> None:
         assert proxy.connection_count == 1
         assert proxy.total_connections == 1
         assert cluster.backend_count(APP) == 1
-    assert _wait_for(lambda: proxy.connection_count == 0)
+    wait_for(lambda: proxy.connection_count == 0)
     assert proxy.total_connections == 1
 
 
@@ -298,7 +287,7 @@ def test_proxy_raw_latency_order_and_half_close(echo_server: StreamServer) -> No
             elapsed = time.monotonic() - t0
         assert received == b"first;second;"
         assert 0.3 <= elapsed < 2.0, elapsed
-        assert _wait_for(lambda: fp.connection_count == 0)
+        wait_for(lambda: fp.connection_count == 0)
 
 
 def test_proxy_blackhole(cluster: PgCluster, proxy: FaultProxy) -> None:
@@ -340,7 +329,7 @@ def test_proxy_reset_all(cluster: PgCluster, proxy: FaultProxy) -> None:
             conn.execute("SELECT 1")
     finally:
         conn.close()
-    assert _wait_for(lambda: cluster.backend_count(APP) == 0)
+    wait_for(lambda: cluster.backend_count(APP) == 0)
     with psycopg.connect(_proxied_dsn(cluster, proxy)) as conn2:  # not sticky
         assert _select_one(conn2) == 1
 
@@ -377,7 +366,7 @@ def test_proxy_upstream_down(cluster: PgCluster) -> None:
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(_proxied_dsn(cluster, fp))
         assert time.monotonic() - t0 < 2.0
-        assert _wait_for(lambda: fp.connection_count == 0)
+        wait_for(lambda: fp.connection_count == 0)
 
 
 def test_proxy_stop_kills_everything(cluster: PgCluster) -> None:

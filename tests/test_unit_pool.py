@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import gevent
 import pytest
 
 from greenpool import GreenPool, PoolClosed, PoolError, PoolTimeout, TooManyRequests
-from tests.fakedriver import FakeDriver
+from tests.support.fakedriver import FakeDriver
+from tests.support.hygiene import outcome
+from tests.support.waiting import wait_for
 
 
-def make(driver: FakeDriver | None = None, **kw: object) -> tuple[GreenPool, FakeDriver]:
+def make(driver: FakeDriver | None = None, **kw: Any) -> tuple[GreenPool[Any], FakeDriver]:
     driver = driver or FakeDriver()
     kw.setdefault("min_size", 0)
     kw.setdefault("max_size", 1)
-    pool = GreenPool("", driver=driver, open=True, **kw)  # type: ignore[arg-type]
+    pool: GreenPool[Any] = GreenPool("", driver=driver, open=True, **kw)
     return pool, driver
 
 
@@ -77,19 +82,18 @@ def test_timeout_zero_and_max_waiting_and_closed() -> None:
     conn = pool.getconn()
     with pytest.raises(PoolTimeout, match="no connection available"):
         pool.getconn(timeout=0)
-    waiters = [gevent.spawn(pool.getconn, 5) for _ in range(2)]
+    waiters = [gevent.spawn(outcome, pool.getconn, 5) for _ in range(2)]
     gevent.sleep(0)
     with pytest.raises(TooManyRequests):
         pool.getconn(timeout=5)
     waiters[0].kill()  # a killed waiter leaves the queue at once...
     assert pool.stats()["waiting"] == 1
-    extra = gevent.spawn(pool.getconn, 5)  # ...so another one fits
+    extra = gevent.spawn(outcome, pool.getconn, 5)  # ...so another one fits
     gevent.sleep(0)
     assert pool.stats()["waiting"] == 2
     pool.close(timeout=0)
     for g in (waiters[1], extra):
-        g.join(timeout=1)
-        assert isinstance(g.exception, PoolClosed)
+        assert isinstance(g.get(timeout=1), PoolClosed)
     with pytest.raises(PoolClosed):
         pool.getconn()
     pool.putconn(conn)  # returned after close: closed, not parked
@@ -121,14 +125,17 @@ def test_timeout_counts_and_message_include_pool_counts() -> None:
     pool.close(timeout=0)
 
 
+@pytest.mark.allow_pool_errors(r"cannot connect for \d+ s \(reconnect_timeout\)")
 def test_connect_failures_back_off_and_are_reported() -> None:
     driver = FakeDriver()
     driver.fail_connect = OSError("connection refused (fake)")
-    reports: list[GreenPool] = []
+    reports: list[GreenPool[Any]] = []
     pool, _ = make(driver, min_size=1, reconnect_timeout=0.3, reconnect_failed=reports.append)
+    start = time.monotonic()
     with pytest.raises(PoolTimeout, match="connection refused"):
         pool.getconn(timeout=0.5)
-    gevent.sleep(0.3)
+    wait_for(lambda: reports, 5, what="reconnect_failed to be called")
+    assert time.monotonic() - start >= 0.3, "reported before reconnect_timeout"
     stats = pool.stats()
     # Backoff: 0.1, 0.2, 0.4... so well under one attempt per 10 ms.
     assert 2 <= stats["connect_errors"] <= 10, stats

@@ -11,7 +11,9 @@ import random
 from pathlib import Path
 from typing import Any
 
-from examples.django_app.seed import ACCOUNTS, migrate_and_seed  # noqa: F401
+from examples.django_app.seed import ACCOUNTS, migrate_and_seed
+
+__all__ = ["ACCOUNTS", "migrate_and_seed"]
 from tests.support import webload
 from tests.support.ormsupport import unique_name
 

@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-import gevent
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> bool:
-    """Poll a condition with a deadline; the condition's last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        gevent.sleep(step)
-    return predicate()
 
 
 def unique_name(prefix: str) -> str:

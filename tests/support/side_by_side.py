@@ -33,7 +33,7 @@ LABEL = {"greenpool": "greenpool-compare", "psycopg_pool": "psycopg_pool"}
 
 def record_outside(pool: str, scenario: str, what: str) -> None:
     """Record a run that did not finish (from the process that ran it)."""
-    from tests.loadgen import record_result
+    from tests.support.loadgen import record_result
 
     record_result(SCENARIOS[scenario], {"error": what}, pool=LABEL[pool], headline=what)
 
@@ -49,7 +49,7 @@ def child(pool_name: str, scenario: str, workers: int, seed: int) -> int:
         figures, headline = getattr(runner, f"scenario_{scenario}")()
     finally:
         cluster.destroy()
-    from tests.loadgen import record_result
+    from tests.support.loadgen import record_result
 
     record_result(SCENARIOS[scenario], figures, pool=LABEL[pool_name], headline=headline)
     return 0
@@ -78,7 +78,7 @@ class _Runner:
             if check:
                 opts.setdefault("check_idle_after", 0)
             opts.pop("max_lifetime_jitter", None)
-            pool = GreenPool(conninfo, name=name, **opts)
+            pool: Any = GreenPool(conninfo, name=name, **opts)
         else:
             from psycopg_pool import ConnectionPool
 
@@ -96,7 +96,7 @@ class _Runner:
                 open=True,
                 **opts,
             )
-        pool.app_name = name  # type: ignore[attr-defined]
+        pool.app_name = name
         return pool
 
     def size(self, pool: Any) -> int:
@@ -114,7 +114,7 @@ class _Runner:
         """After the load: how many of max_size can still be borrowed at once?"""
         import gevent
 
-        from tests.loadgen import wait_for
+        from tests.support.waiting import wait_for
 
         name = pool.app_name
         got: list[Any] = []
@@ -148,7 +148,7 @@ class _Runner:
         return ""
 
     def loadgen(self, pool: Any, **kw: Any) -> Any:
-        from tests.loadgen import LoadGen
+        from tests.support.loadgen import LoadGen
 
         kw.setdefault("workers", self.workers)
         kw.setdefault("seed", self.seed)
@@ -157,7 +157,7 @@ class _Runner:
     # -- 1. restart ---------------------------------------------------------------
 
     def scenario_1(self) -> tuple[dict[str, Any], str]:
-        from tests.loadgen import wait_for
+        from tests.support.waiting import wait_for
 
         cluster, timeout = self.cluster, 1.0
         pool = self.make(
@@ -202,7 +202,7 @@ class _Runner:
     def scenario_2(self) -> tuple[dict[str, Any], str]:
         import gevent
 
-        from tests.loadgen import wait_for
+        from tests.support.waiting import wait_for
 
         cluster = self.cluster
         pool = self.make(cluster.dsn(), check=True, min_size=self.MAX, max_size=self.MAX, timeout=5)
@@ -246,8 +246,9 @@ class _Runner:
     def scenario_3(self) -> tuple[dict[str, Any], str]:
         import gevent
 
-        from tests.loadgen import HUNG, wait_for
         from tests.support.faultproxy import FaultProxy
+        from tests.support.loadgen import HUNG
+        from tests.support.waiting import wait_for
 
         cluster = self.cluster
         timeout = query_timeout = 1.0

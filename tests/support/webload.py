@@ -155,7 +155,9 @@ def run_load(
             try:
                 headers = {"Content-Type": "application/json"} if body is not None else {}
                 conn.request(
-                    method, path, body=json.dumps(body) if body is not None else None,
+                    method,
+                    path,
+                    body=json.dumps(body) if body is not None else None,
                     headers=headers,
                 )
                 response = conn.getresponse()

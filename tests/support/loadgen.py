@@ -12,11 +12,12 @@ waiting for the pool and the total latency, bucketed by the *phase* the test is 
 the operation starts (``lg.phase = "outage"``). Latencies go into fixed-size log
 histograms rather than lists so that a long soak does not grow memory (the soak measures
 RSS). On every acquire it also checks that the connection is not already held by another
-worker (``duplicated``) and is clean (``bad_state``: not idle, closed or broken).
+worker (``duplicated``; a worker holds its connection until its release has returned) and
+is clean (``bad_state``: not idle, closed or broken).
 
 Results: :func:`record_result` prints a scenario's figures and appends one JSON line to
 ``$GREENPOOL_FAULT_RESULTS`` (default ``<tmpdir>/greenpool-fault-results.jsonl``);
-``python -m tests.loadgen render [--compare] [FILE]`` turns the latest line per scenario
+``python -m tests.support.loadgen render [--compare] [FILE]`` turns the latest line per scenario
 into the Markdown tables of RELIABILITY.md (``--compare``: the side-by-side runs of
 ``tests/test_side_by_side.py``).
 """
@@ -245,22 +246,24 @@ class LoadGen:
         bound: gevent.Timeout | None = None
         outcome = "ok"
         message = ""
+        held: Any = None
         guard.start()
         if cut is not None:
             cut.start()
         try:
+            # The connection counts as held until the release has returned: a pool that
+            # lent it to someone else while this borrower's release (rollback, reset)
+            # still runs has lent it twice.
             with self.pool.connection(timeout=self.timeout) as conn:
+                held = conn
                 waited = time.monotonic() - t0
                 self._on_acquire(conn)
-                try:
-                    if self.query_timeout is not None:
-                        # The documented way to bound a borrower's own work: a gevent.Timeout
-                        # covering the query and the commit/release that follows it.
-                        bound = gevent.Timeout(self.query_timeout)
-                        bound.start()
-                    self.query(conn)
-                finally:
-                    self._held.discard(id(conn))
+                if self.query_timeout is not None:
+                    # The documented way to bound a borrower's own work: a gevent.Timeout
+                    # covering the query and the commit/release that follows it.
+                    bound = gevent.Timeout(self.query_timeout)
+                    bound.start()
+                self.query(conn)
         except gevent.Timeout as ex:
             if ex is guard:
                 outcome, message = HUNG, f"still running after {self.guard:g} s"
@@ -277,6 +280,8 @@ class LoadGen:
         except Exception as ex:
             outcome, message = type(ex).__name__, str(ex)
         finally:
+            if held is not None:
+                self._held.discard(id(held))
             guard.close()
             if cut is not None:
                 cut.close()
@@ -354,20 +359,6 @@ class LoadGen:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.02, what: str = ""
-) -> float:
-    """Poll ``predicate`` until true (returns the seconds it took) or fail after ``timeout``."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while True:
-        if predicate():
-            return time.monotonic() - start
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or predicate}")
-        gevent.sleep(interval)
 
 
 def rss_mb() -> float:
@@ -482,7 +473,8 @@ def render(path: Path, *, compare: bool = False) -> str:
 def main(argv: list[str]) -> int:
     args = list(argv)
     if not args or args[0] != "render":
-        print("usage: python -m tests.loadgen render [--compare] [RESULTS.jsonl]", file=sys.stderr)
+        usage = "usage: python -m tests.support.loadgen render [--compare] [RESULTS.jsonl]"
+        print(usage, file=sys.stderr)
         return 2
     compare = "--compare" in args
     rest = [a for a in args[1:] if a != "--compare"]

@@ -2,12 +2,17 @@
 
 Connections are plain objects whose transaction state the test sets directly. Connect,
 ping, rollback and cancel each yield to the hub (``gevent.sleep``) so greenlets can be
-killed in the middle of them, as with a real socket.
+killed in the middle of them, as with a real socket. A connection remembers when it was
+made (by the driver's ``clock``, which a test may replace with a fake one) and whether a
+borrower left session state on it that a server-side reset (``RESET ALL``,
+``DISCARD ALL``) clears.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -20,8 +25,10 @@ class FakeConn:
 
     _ids = itertools.count(1)
 
-    def __init__(self) -> None:
+    def __init__(self, created: float = 0.0) -> None:
         self.id = next(self._ids)
+        self.created = created
+        self.session: str | None = None  # server-side session state a borrower left
         self.state = ConnState.IDLE
         self.closed = False
         self.cancelled = False
@@ -43,6 +50,7 @@ class FakeDriver:
         self.op_delay = op_delay
         self.fail_connect: BaseException | None = None
         self.conns: list[FakeConn] = []
+        self.clock: Callable[[], float] = time.monotonic
 
     # -- Driver interface
     def prepare(self) -> None:
@@ -58,7 +66,7 @@ class FakeDriver:
         gevent.sleep(self.connect_delay)
         if self.fail_connect is not None:
             raise self.fail_connect
-        conn = FakeConn()
+        conn = FakeConn(self.clock())
         self.conns.append(conn)
         return conn
 
@@ -82,6 +90,8 @@ class FakeDriver:
     def execute(self, conn: FakeConn, sql: str) -> None:
         gevent.sleep(self.op_delay)
         conn.resets += 1
+        if "RESET ALL" in sql or "DISCARD ALL" in sql:
+            conn.session = None
 
     def query(self, conn: FakeConn, sql: str, params: Any = None) -> list[Any]:
         self.execute(conn, sql)
