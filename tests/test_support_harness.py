@@ -183,8 +183,10 @@ def test_context_manager_destroys() -> None:
 def test_missing_binaries_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(embedded.BINDIR_ENV, raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr(embedded, "_DEBIAN_BINDIR_GLOB", str(tmp_path / "none" / "*" / "bin"))
-    monkeypatch.setattr(embedded, "_PGSERVER_PACKAGE", "no_such_pgserver_pkg")
+    monkeypatch.setattr(
+        embedded.binaries, "_DEBIAN_BINDIR_GLOB", str(tmp_path / "none" / "*" / "bin")
+    )
+    monkeypatch.setattr(embedded.binaries, "_PGSERVER_PACKAGE", "no_such_pgserver_pkg")
     with pytest.raises(PgBinariesNotFoundError, match="pip install pgserver"):
         embedded.find_pg_bindir()
     with pytest.raises(PgBinariesNotFoundError):
@@ -205,8 +207,10 @@ def test_pgserver_layout_discovery(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     importlib.invalidate_caches()
     monkeypatch.delenv(embedded.BINDIR_ENV, raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr(embedded, "_DEBIAN_BINDIR_GLOB", str(tmp_path / "none" / "*" / "bin"))
-    monkeypatch.setattr(embedded, "_PGSERVER_PACKAGE", "fake_pgserver_pkg")
+    monkeypatch.setattr(
+        embedded.binaries, "_DEBIAN_BINDIR_GLOB", str(tmp_path / "none" / "*" / "bin")
+    )
+    monkeypatch.setattr(embedded.binaries, "_PGSERVER_PACKAGE", "fake_pgserver_pkg")
     assert embedded.find_pg_bindir() == bindir
     assert "fake_pgserver_pkg" not in sys.modules
     monkeypatch.setenv(embedded.BINDIR_ENV, str(bindir))

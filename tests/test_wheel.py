@@ -89,7 +89,7 @@ def _wheel_has_every_package(wheel: Path) -> None:
     }
     missing = sorted(p for p in packages if f"{p}/__init__.py" not in names)
     assert not missing, f"packages missing from the wheel: {missing}"
-    for name in ("py.typed", "gunicorn.py", "embedded.py"):
+    for name in ("py.typed", "gunicorn.py", "embedded/server.py"):
         assert f"greenpool/{name}" in names
     for name in ("__init__", "views", "schema", "wsgi", "locustfile"):
         assert f"greenpool/examples/flask_app/{name}.py" in names

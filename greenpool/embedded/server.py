@@ -1,44 +1,13 @@
-"""A small throwaway PostgreSQL server, for ``greenpool demo`` and the benchmarks.
-
-``EmbeddedPostgres`` runs ``initdb`` into a fresh temporary directory, starts a
-postmaster listening only on ``127.0.0.1`` on a free TCP port (and on a Unix socket in a
-``0700`` directory), and removes everything on :meth:`~EmbeddedPostgres.destroy`, at
-interpreter exit, and -- through a tiny watchdog process that notices when this process
-dies -- even when this process is killed outright.
-
-Nobody gets in without a password: every ``pg_hba.conf`` line is ``scram-sha-256``. The
-superuser's random password is written to a ``0600`` libpq password file, and the DSNs
-name that file (``passfile=...``), so the password itself never appears in a DSN, a
-process list or a log line.
-
-Server binaries are looked up in this order: the ``bindir`` argument or
-``$GREENPOOL_PG_BINDIR``; ``pg_config --bindir``; ``/usr/lib/postgresql/<version>/bin``
-(newest first); ``initdb`` on ``PATH``; the binaries bundled in the ``pgserver`` wheel
-(found inside the installed package, without importing it).
-
-PostgreSQL refuses to run as root, so when this process is root the server commands run
-as the ``postgres`` system user (or ``nobody``), which then owns the temporary directory.
-
-psycopg is imported only when a connection is made, so importing this module never
-decides psycopg's wait function before ``gevent.monkey.patch_all()``.
-"""
+"""``EmbeddedPostgres``: a throwaway PostgreSQL server (see :mod:`greenpool.embedded`)."""
 
 from __future__ import annotations
 
 import atexit
-import base64
 import contextlib
-import glob
-import hashlib
-import hmac
-import importlib.util
 import os
-import pwd
-import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,247 +16,32 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-__all__ = [
-    "BINDIR_ENV",
-    "HOST",
-    "SUPERUSER",
-    "EmbeddedPostgres",
-    "EmbeddedPostgresError",
-    "PgBinariesNotFoundError",
-    "find_pg_bindir",
-    "free_port",
-    "make_conninfo",
-    "passfile_line",
-    "scram_secret",
-    "write_private",
-]
+from greenpool.embedded.binaries import EmbeddedPostgresError, find_pg_bindir
+from greenpool.embedded.credentials import (
+    make_conninfo,
+    passfile_line,
+    scram_secret,
+    write_private,
+)
+from greenpool.embedded.process import (
+    HOST,
+    WATCHDOG_CODE,
+    free_port,
+    pid_alive,
+    read_postmaster_pid,
+    run_user,
+)
+
+__all__ = ["SUPERUSER", "EmbeddedPostgres", "StopMode"]
 
 #: Superuser created by initdb; authenticates with the random password in ``passfile``.
 SUPERUSER = "postgres"
-#: Environment variable that forces a PostgreSQL bin directory.
-BINDIR_ENV = "GREENPOOL_PG_BINDIR"
-#: The only address the server listens on.
-HOST = "127.0.0.1"
-
-_REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
-# Module-level so tests can point discovery elsewhere.
-_DEBIAN_BINDIR_GLOB = "/usr/lib/postgresql/*/bin"
-_PGSERVER_PACKAGE = "pgserver"
 
 _START_TIMEOUT = 30.0
 _SCRAM_ITERATIONS = 1
 _CMD_TIMEOUT = 120.0
 
 StopMode = Literal["smart", "fast", "immediate"]
-
-
-class EmbeddedPostgresError(RuntimeError):
-    """The throwaway server could not be created, started or stopped."""
-
-
-class PgBinariesNotFoundError(EmbeddedPostgresError):
-    """No PostgreSQL server binaries were found on this machine."""
-
-
-# --------------------------------------------------------------------------- binaries
-
-
-def _has_server_binaries(path: Path) -> bool:
-    return all(os.access(path / name, os.X_OK) for name in _REQUIRED_BINARIES)
-
-
-def _version_key(path: str) -> tuple[int, ...]:
-    version = Path(path).parent.name  # /usr/lib/postgresql/<version>/bin
-    return tuple(int(p) for p in re.findall(r"\d+", version)) or (0,)
-
-
-def _candidate_bindirs() -> list[tuple[str, Path]]:
-    candidates: list[tuple[str, Path]] = []
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        try:
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, timeout=30, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            out = ""
-        if out:
-            candidates.append(("pg_config --bindir", Path(out)))
-    for path in sorted(glob.glob(_DEBIAN_BINDIR_GLOB), key=_version_key, reverse=True):
-        candidates.append((_DEBIAN_BINDIR_GLOB, Path(path)))
-    initdb = shutil.which("initdb")
-    if initdb:
-        candidates.append(("PATH", Path(os.path.realpath(initdb)).parent))
-    spec = importlib.util.find_spec(_PGSERVER_PACKAGE)  # finds, does not import
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            candidates.append(("pgserver wheel", Path(location) / "pginstall" / "bin"))
-    return candidates
-
-
-def find_pg_bindir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """A directory holding ``initdb``, ``pg_ctl`` and ``postgres``.
-
-    Raises :class:`PgBinariesNotFoundError`, with installation hints, when there is none.
-    """
-    forced = explicit if explicit is not None else os.environ.get(BINDIR_ENV)
-    if forced:
-        path = Path(forced)
-        if not _has_server_binaries(path):
-            raise PgBinariesNotFoundError(
-                f"{path} does not contain {', '.join(_REQUIRED_BINARIES)}"
-            )
-        return path
-    looked: list[str] = []
-    for origin, path in _candidate_bindirs():
-        if _has_server_binaries(path):
-            return path
-        looked.append(f"{path} ({origin})")
-    raise PgBinariesNotFoundError(
-        "No PostgreSQL server binaries (initdb, pg_ctl, postgres) found"
-        + (f"; looked in: {', '.join(looked)}" if looked else "")
-        + ". Install them with `apt-get install postgresql` (Debian/Ubuntu) or "
-        "`pip install pgserver` (bundles the server binaries), or point "
-        f"{BINDIR_ENV} at a PostgreSQL bin directory."
-    )
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def free_port(host: str = HOST) -> int:
-    """A TCP port free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _run_user() -> pwd.struct_passwd | None:
-    """The unprivileged account the server runs as (None: this process's user)."""
-    if os.geteuid() != 0:
-        return None
-    for name in ("postgres", "nobody"):
-        with contextlib.suppress(KeyError):
-            return pwd.getpwnam(name)
-    raise EmbeddedPostgresError(
-        "running as root but neither a 'postgres' nor a 'nobody' user exists; "
-        "PostgreSQL refuses to run as root"
-    )
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs: trust kill(0)
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def _read_postmaster_pid(data_dir: Path) -> int | None:
-    try:
-        return int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0].strip())
-    except (OSError, ValueError):
-        return None
-
-
-def write_private(path: Path, text: str, owner: pwd.struct_passwd | None = None) -> None:
-    """Create ``path`` with mode 0600 (never readable by others, not even briefly)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    if owner is not None:
-        os.chown(path, owner.pw_uid, owner.pw_gid)
-
-
-def scram_secret(password: str, iterations: int = 4096, salt: bytes | None = None) -> str:
-    """A SCRAM-SHA-256 verifier for ``password``, as PostgreSQL stores it (RFC 5802/7677).
-
-    Given as a role's password, PostgreSQL stores it as is; the iteration count in it is
-    what the client must spend on every connection.
-    """
-    salt = salt if salt is not None else secrets.token_bytes(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    client_key = hmac.digest(salted, b"Client Key", "sha256")
-    stored_key = hashlib.sha256(client_key).digest()
-    server_key = hmac.digest(salted, b"Server Key", "sha256")
-
-    def b64(data: bytes) -> str:
-        return base64.b64encode(data).decode()
-
-    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
-
-
-def passfile_line(host: str, port: int | str, user: str, password: str) -> str:
-    """One ``~/.pgpass`` line, escaping ``:`` and ``\\`` as libpq expects."""
-
-    def esc(value: str) -> str:
-        return value.replace("\\", "\\\\").replace(":", "\\:")
-
-    return f"{esc(host)}:{esc(str(port))}:*:{esc(user)}:{esc(password)}\n"
-
-
-def make_conninfo(params: dict[str, Any]) -> str:
-    """A libpq ``key=value`` string; None values are left out, others quoted as needed."""
-    parts = []
-    for key, value in params.items():
-        if value is None:
-            continue
-        text = str(value)
-        if not text or re.search(r"[\s'\\]", text):
-            text = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
-
-
-# The watchdog blocks reading its stdin, whose write end only this process holds. When
-# this process dies for any reason the read returns EOF, and the watchdog shuts the
-# server down (SIGQUIT: immediate shutdown) and removes the directory. destroy() cleans
-# up first and then closes the pipe, so the watchdog finds nothing left to do.
-_WATCHDOG_CODE = r"""
-import os, shutil, signal, sys, time
-data_dir, base_dir = sys.argv[1], sys.argv[2]
-try:
-    sys.stdin.buffer.read()
-except BaseException:
-    pass
-pid = None
-try:
-    with open(os.path.join(data_dir, "postmaster.pid")) as f:
-        pid = int(f.readline().strip())
-except (OSError, ValueError):
-    pass
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-if pid:
-    try:
-        os.kill(pid, signal.SIGQUIT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and alive(pid):
-            time.sleep(0.05)
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
-shutil.rmtree(base_dir, ignore_errors=True)
-"""
-
-
-# --------------------------------------------------------------------------- server
 
 
 class EmbeddedPostgres:
@@ -306,7 +60,7 @@ class EmbeddedPostgres:
         extra_settings: dict[str, str] | None = None,
     ) -> None:
         self._bindir = find_pg_bindir(bindir)
-        self._user = _run_user()
+        self._user = run_user()
         self._port_fixed = port is not None
         self._port: int = port if port is not None else free_port()
         self._max_connections = max_connections
@@ -430,8 +184,8 @@ class EmbeddedPostgres:
         """Whether the postmaster is alive."""
         if self._base_dir is None or self._destroyed:
             return False
-        pid = _read_postmaster_pid(self.data_dir)
-        return pid is not None and _pid_alive(pid)
+        pid = read_postmaster_pid(self.data_dir)
+        return pid is not None and pid_alive(pid)
 
     def start(self) -> None:
         """Create (the first time), start, and wait until connections are accepted."""
@@ -669,7 +423,7 @@ class EmbeddedPostgres:
         if self._watchdog is None and self._base_dir is not None:
             try:
                 self._watchdog = subprocess.Popen(
-                    [sys.executable, "-c", _WATCHDOG_CODE, str(self.data_dir), str(self._base_dir)],
+                    [sys.executable, "-c", WATCHDOG_CODE, str(self.data_dir), str(self._base_dir)],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -694,17 +448,17 @@ class EmbeddedPostgres:
         """Immediate shutdown by signal (no subprocess); used at exit."""
         if self._base_dir is None:
             return
-        pid = _read_postmaster_pid(self.data_dir)
-        if pid is None or not _pid_alive(pid):
+        pid = read_postmaster_pid(self.data_dir)
+        if pid is None or not pid_alive(pid):
             return
         try:
             os.kill(pid, signal.SIGQUIT)
         except OSError:
             return
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and _pid_alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.05)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
 
