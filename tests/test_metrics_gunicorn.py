@@ -178,12 +178,21 @@ def test_one_scrape_covers_every_worker(server: dict[str, Any]) -> None:
     labels = {"pool": name, "database": "default"}
     found: list[Any] = []
 
-    def consistent() -> bool:  # the other worker copies its stats at least once a second
+    def consistent() -> bool:
+        # Each worker copies its stats and its batched histograms on its maintenance passes
+        # (at least once a second), not necessarily both in the same pass as the last borrow.
         found[:] = samples(get(port, "/_greenpool/metrics")[1].decode())
-        total = series(found, "greenpool_acquires_total", **labels)
-        return bool(total) and total[0].value == acquires
+        figures = [
+            series(found, metric, **labels)
+            for metric in (
+                "greenpool_acquires_total",
+                "greenpool_acquire_wait_seconds_count",
+                "greenpool_hold_seconds_count",
+            )
+        ]
+        return all(figures) and [f[0].value for f in figures] == [acquires, acquires, returns]
 
-    poll("the scrape adds up the workers' acquires", consistent, 15)
+    poll("the scrape adds up the workers' acquires, waits and holds", consistent, 15)
     # gauges: one series per worker, each that worker's own figure
     gauges = by_pid(series(found, "greenpool_connections", **labels))
     assert gauges == {pid: float(w["total"]) for pid, w in truth.items()}

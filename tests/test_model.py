@@ -371,14 +371,15 @@ class PoolMachine(RuleBasedStateMachine):
     def closed_down(self, pool: GreenPool[Any]) -> None:
         """After close(): nothing left, on the server (or in the driver) and in the pool.
         close() does not wait for the connectors it kills: a connect in flight ends (and
-        gives its slot back) a moment later."""
-        self.backend.gone(pool)
+        gives its slot back, closing its connection) a moment later, so the driver or the
+        server is asked once every slot is back."""
         wait_for(
             lambda: pool.stats()["total"] == pool.stats()["closing"] == 0,
             5,
             interval=0.001,
             what=f"every slot given back: {pool.stats()}",
         )
+        self.backend.gone(pool)
 
     def _acquire(self, timeout: float) -> Any:
         return self.p.getconn(timeout)

@@ -753,8 +753,9 @@ def test_forked_child_never_touches_a_parent_backend(
     os.close(write_fd)
     _, status = os.waitpid(child, 0)
     with os.fdopen(read_fd, "rb") as pipe:
-        assert pipe.read() == b"\x00", "the child failed (3: kept the parent's records; 2: "
-        "borrowed a parent backend)"
+        assert pipe.read() == b"\x00", (
+            "the child failed (3: kept the parent's records; 2: borrowed a parent backend)"
+        )
     assert os.waitstatus_to_exitcode(status) == 0
     wait_for(  # the child's own backend ends with it; the parent's are all still there
         lambda: backend_starts(admin, pool.name) == parent,
