@@ -42,6 +42,8 @@ from greenpool.vetting import Vetting, redacted_copy
 if TYPE_CHECKING:
     from flask import Flask
 
+    from greenpool.flask_ext.config import DatabaseConfig
+
 logger = logging.getLogger("greenpool")
 
 ConnCallback = Callable[[Any], None]
@@ -506,6 +508,16 @@ class GreenPool(Pool[ConnT]):
         """Give back the current Flask request's connections now (committing first), e.g.
         before streaming a response (needs :meth:`init_app`)."""
         raise RuntimeError("db.release() serves Flask requests: call db.init_app(app) first")
+
+    def get_pool(self, name: str | None = None, app: Flask | None = None) -> GreenPool[Any]:
+        """The pool of the app's database ``name`` in this process (needs :meth:`init_app`)."""
+        raise RuntimeError("db.get_pool() serves Flask apps: call db.init_app(app) first")
+
+    def add_database(
+        self, name: str, conninfo: str, *, app: Flask | None = None, **settings: Any
+    ) -> DatabaseConfig:
+        """Configure a named database of the app at run time (needs :meth:`init_app`)."""
+        raise RuntimeError("db.add_database() serves Flask apps: call db.init_app(app) first")
 
     def connection(
         self,

@@ -70,3 +70,20 @@ def test_a_database_added_at_run_time_serves_requests_with_inherited_settings(
             db.add_database("tenant_y", dsn + " no_such_option=1")
     assert client.get("/tenant/unknown").status_code == 500  # not configured: an error
     db.close(timeout=1, app=app)
+
+
+def test_flask_entry_points_before_init_app_say_what_is_missing() -> None:
+    """A GreenPool that no app was given to: the Flask entry points fail at once, naming
+    init_app (they are declared on GreenPool so that type checkers see them)."""
+    db: GreenPool[Any] = GreenPool()
+    calls = {
+        "conn": lambda: db.conn,
+        "get_conn": lambda: db.get_conn("reports"),
+        "get_pool": lambda: db.get_pool("reports"),
+        "add_database": lambda: db.add_database("tenant", "dbname=tenant"),
+        "release": db.release,
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=r"call db\.init_app\(app\) first"):
+            call()
+        assert db.state == "new", name  # nothing opened or connected

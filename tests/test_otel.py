@@ -204,7 +204,7 @@ def test_flask_key_instruments_the_apps_pools(dsn: str, otel: Reader) -> None:
     name = f"gpo-{uuid.uuid4().hex[:8]}"
     app.config.update(GREENPOOL_CONNINFO=dsn, GREENPOOL_NAME=name, GREENPOOL_MAX_SIZE=2)
     app.config["GREENPOOL_OTEL"] = otel.provider
-    db = FlaskGreenPool(app)
+    db: FlaskGreenPool[Any] = FlaskGreenPool(app)
 
     @app.get("/db")
     def use_db() -> Any:

@@ -50,7 +50,7 @@ def make_app(dsn: str, **config: Any) -> tuple[Flask, Any]:
         GREENPOOL_TIMEOUT=5,
     )
     app.config.update(config)
-    db = FlaskGreenPool(app)
+    db: FlaskGreenPool[Any] = FlaskGreenPool(app)
 
     @app.get("/db")
     def use_db() -> Any:
