@@ -10,7 +10,7 @@ Network faults go through the in-process :class:`~tests.support.faultproxy.Fault
 server faults use the private cluster (these tests need it: they are skipped when
 ``GREENPOOL_TEST_DSN`` names an external server). All traffic stays on 127.0.0.1.
 
-Environment: ``GREENPOOL_FAULT_WORKERS`` (200), ``GREENPOOL_SOAK_SECONDS`` (60),
+Environment: ``GREENPOOL_FAULT_WORKERS`` (200), ``GREENPOOL_SOAK_SECONDS`` (40),
 ``GREENPOOL_FAULT_SEED`` (20240601).
 """
 
@@ -46,7 +46,7 @@ from tests.support.pgcluster import PgCluster
 from tests.support.waiting import wait_for
 
 WORKERS = int(os.environ.get("GREENPOOL_FAULT_WORKERS", "200"))
-SOAK_SECONDS = float(os.environ.get("GREENPOOL_SOAK_SECONDS", "60"))
+SOAK_SECONDS = float(os.environ.get("GREENPOOL_SOAK_SECONDS", "40"))
 SEED = int(os.environ.get("GREENPOOL_FAULT_SEED", "20240601"))
 MAX = 10
 # How late a timeout may fire and still count as "on time" on a loaded 2-core CI box
