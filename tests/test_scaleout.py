@@ -144,7 +144,12 @@ def test_demoted_primary_that_keeps_answering(
         from psycopg_pool import ConnectionPool
 
         pp: ConnectionPool[Any] = ConnectionPool(
-            conninfo, min_size=3, max_size=3, timeout=3, check=ConnectionPool.check_connection
+            conninfo,
+            min_size=3,
+            max_size=3,
+            timeout=3,
+            check=ConnectionPool.check_connection,
+            open=True,
         )
         pp.wait(10)
         borrow = pp.connection  # type: ignore[assignment]
