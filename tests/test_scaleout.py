@@ -285,17 +285,40 @@ def test_replica_fallback_fail_refuses_instead_of_reading_the_primary(
 def test_read_your_writes_with_a_commit_token(
     standby_pair: tuple[PgCluster, Any], make_pool: Factory
 ) -> None:
+    """With the standby's replay paused, a plain read goes to the standby and misses the
+    write (the control: without ``after=`` the test sees the stale replica); a read
+    ``after=`` the write's token waits for a replica that replayed it, then falls back to
+    the primary. Once replay resumes, the token's read is served by the standby."""
     primary, standby = standby_pair
     make_table(primary, "gp_ryw")
-    pool = replica_pool(make_pool, primary, standby)
-    for i in range(20):
+    # A generous lag bound: the paused standby stays a candidate for plain reads.
+    pool = replica_pool(make_pool, primary, standby, max_replica_lag=600)
+    query = "SELECT count(*), pg_is_in_recovery() FROM gp_ryw WHERE v = %s"
+    standby.pause_replay()
+    try:
+        with pool.connection() as conn:
+            conn.execute("INSERT INTO gp_ryw (v) VALUES ('paused')")
+        with pool.connection() as conn:
+            token = pool.commit_token(conn)
+        with pool.connection(read_only=True, timeout=5) as conn:
+            assert conn.execute(query, ("paused",)).fetchone() == (0, True)  # stale replica
+        started = time.monotonic()
+        with pool.connection(read_only=True, after=token, timeout=0.5) as conn:
+            assert conn.execute(query, ("paused",)).fetchone() == (1, False)  # the primary
+        assert time.monotonic() - started < 5  # bounded by the borrower's timeout
+    finally:
+        standby.resume_replay()
+    for i in range(10):
         with pool.connection() as conn:
             conn.execute("INSERT INTO gp_ryw (v) VALUES (%s)", (f"row{i}",))
         with pool.connection() as conn:
             token = pool.commit_token(conn)
         with pool.connection(read_only=True, after=token, timeout=5) as conn:
-            seen = conn.execute("SELECT count(*) FROM gp_ryw WHERE v = %s", (f"row{i}",))
-            assert seen.fetchone() == (1,), f"row{i} not visible after its token"
+            seen = conn.execute(query, (f"row{i}",)).fetchone()
+            assert seen is not None and seen[0] == 1, f"row{i} not visible after its token"
+    wait_for(lambda: in_recovery(pool), 10, what="reads on the standby again")
+    with pool.connection(read_only=True, after=token, timeout=5) as conn:
+        assert conn.execute(query, ("row9",)).fetchone() == (1, True)  # the standby
 
 
 def test_flask_read_conn_reads_its_own_writes(standby_pair: tuple[PgCluster, Any]) -> None:
