@@ -132,14 +132,6 @@ class HostTable:
         state.last_role_change = time.time()
         return changed
 
-    def refused(self, host: str) -> bool:
-        """Whether a connection to ``host`` must not be lent (it is read-only and the
-        pool asked for a writable server)."""
-        if not self.wants_writable:
-            return False
-        state = self.hosts.get(host)
-        return state is not None and state.role == "read-only"
-
     def snapshot(self, connections: Mapping[str, int]) -> dict[str, dict[str, Any]]:
         """Per-host figures; ``connections`` counts the pool's open ones by host."""
         return {
