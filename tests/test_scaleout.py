@@ -88,6 +88,7 @@ def test_failover_under_write_load_recovers_quickly(
         wait_for(lambda: len(ok_times) >= 50, 10, what="writes before the failover")
         primary.stop()
         t_stopped = time.monotonic()
+        opened_to_old_primary = pool.stats()["new_conns_count"]  # it refuses new ones now
         standby.promote()
         t_promoted = time.monotonic()
         first_ok_after = len(ok_times)
@@ -100,8 +101,10 @@ def test_failover_under_write_load_recovers_quickly(
             primary.start()  # the fixture's primary serves the next tests (as a new one)
     assert recovery <= 2.0, f"writes resumed {recovery:.2f} s after the promotion"
     assert max(waits) <= 2.0 + 1.0, "a borrower waited past its timeout"
-    # Each broken connection costs at most one error to one borrower.
-    assert sum(v for k, v in errors.items() if k != "PoolTimeout") <= 4 + 8, errors
+    # Each broken connection costs at most one error to one borrower (4 or 5: one more
+    # may have been opened while the load ran).
+    failed = sum(v for k, v in errors.items() if k != "PoolTimeout")
+    assert failed <= opened_to_old_primary, (errors, opened_to_old_primary)
     hosts = pool.stats()["hosts"]
     assert hosts[f"{standby.host}:{standby.port}"]["connections"] >= 1
     record_result(
