@@ -21,7 +21,7 @@ from flask import Flask, Response, abort, stream_with_context
 
 import greenpool
 from greenpool import GreenPool
-from greenpool.flask import ConfigError, stats_blueprint
+from greenpool.flask import ConfigError, close_all_pools, stats_blueprint
 from tests.support.pgcluster import APP_PASSWORD, APP_USER, PgCluster
 
 SECRET_ROW = "tenant-a-private"
@@ -216,9 +216,12 @@ def test_stats_endpoint_needs_an_explicit_authorisation_choice(
     assert client.get("/_greenpool/metrics").status_code == 200
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0, 1e12])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1.0, 1e12])
 def test_nan_and_infinite_timeouts_are_refused_everywhere(
-    apps: Callable[..., tuple[Flask, GreenPool[Any]]], tenant_schema: str, bad: float
+    apps: Callable[..., tuple[Flask, GreenPool[Any]]],
+    tenant_schema: str,
+    bad: float,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     app, db = apps(tenant_schema)
     with app.app_context():
@@ -226,13 +229,38 @@ def test_nan_and_infinite_timeouts_are_refused_everywhere(
         with pytest.raises(ValueError, match="timeout"):
             pool.close(timeout=bad)
         with pytest.raises(ValueError, match="timeout"):
+            pool.wait(bad)
+        with pytest.raises(ValueError, match="timeout"):
+            pool.drain(timeout=bad)
+        with pytest.raises(ValueError, match="timeout"):
+            pool.connect_dedicated(bad)
+        assert not pool.closed, "a refused timeout closed the pool"
+        with pytest.raises(ValueError, match="timeout"):
             db.close(timeout=bad)
         with pytest.raises(ValueError, match="timeout"):
             db.getconn(timeout=bad)
         with pytest.raises(ValueError, match="timeout"), db.connection(timeout=bad):
             pass
+    fresh: GreenPool[Any] = GreenPool(
+        tenant_schema, name=f"gpsec-new-{uuid.uuid4().hex[:8]}", open=False
+    )
+    try:
+        with pytest.raises(ValueError, match="timeout"):
+            fresh.open(wait=True, timeout=bad)
+        assert fresh.stats()["state"] == "new", "open() started before refusing its timeout"
+    finally:
+        fresh.close()
     with pytest.raises(ValueError, match="timeout"):
         greenpool.close_all(bad)
+    with pytest.raises(ValueError, match="timeout"):
+        close_all_pools(bad)
+    with app.app_context():
+        assert not db.get_pool().closed, "a refused close_all timeout closed a pool"
+    # close_all checks its timeout itself, not only through the first open pool's close()
+    with monkeypatch.context() as patched:
+        patched.setattr(greenpool.fork, "tracked", list)  # no pool open in this process
+        with pytest.raises(ValueError, match="timeout"):
+            greenpool.close_all(bad)
     result = app.test_cli_runner().invoke(args=["greenpool", "check", "--timeout", str(bad)])
     assert result.exit_code == 2 and "--timeout" in result.output, result.output
 
