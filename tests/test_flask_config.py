@@ -79,6 +79,11 @@ def test_settings_are_coerced_from_strings() -> None:
     ("config", "message"),
     [
         ({"GREENPOOL_MAX_SIZE": "ten"}, r"GREENPOOL_MAX_SIZE: expected a whole number"),
+        # Unicode digits int() would take (or choke on) and a 5000-digit number are refused
+        # as ASCII-only, at most 9 digits, naming the key
+        ({"GREENPOOL_MAX_SIZE": "\u00b2"}, r"GREENPOOL_MAX_SIZE: .*at most 9 ASCII digits$"),
+        ({"GREENPOOL_MAX_SIZE": "\u0663"}, r"GREENPOOL_MAX_SIZE: .*at most 9 ASCII digits$"),
+        ({"GREENPOOL_MAX_SIZE": "9" * 5000}, r"GREENPOOL_MAX_SIZE: .*at most 9 ASCII digits$"),
         ({"GREENPOOL_MAX_SIZE": 0}, r"GREENPOOL_MAX_SIZE: must be at least 1"),
         ({"GREENPOOL_MAX_SIZE": True}, r"GREENPOOL_MAX_SIZE: expected a whole number"),
         ({"GREENPOOL_MIN_SIZE": 5, "GREENPOOL_MAX_SIZE": 2}, r"GREENPOOL_MIN_SIZE: 5 is greater"),
