@@ -313,3 +313,38 @@ def test_a_copied_request_context_never_gives_back_the_requests_connection(
 
     assert app.test_client().get("/spawns").status_code == 200
     assert seen == {"acquired": 1, "same": True}
+
+
+@pytest.mark.parametrize("configured_token", ["set", "empty"])
+def test_the_example_apps_stats_answer_loopback_or_the_token_only(
+    dsn: str, configured_token: str
+) -> None:
+    """The example app (served on 0.0.0.0 by its Dockerfile) protects /_greenpool/stats and
+    /metrics: a client elsewhere needs ``X-Stats-Token`` equal to STATS_TOKEN; an empty
+    STATS_TOKEN lets nobody in by an empty header."""
+    from examples.flask_app import create_app
+    from examples.flask_app import db as example_db
+
+    token = uuid.uuid4().hex if configured_token == "set" else ""
+    app = create_app(
+        {
+            "GREENPOOL_CONNINFO": dsn,
+            "GREENPOOL_NAME": f"gpsec-example-{uuid.uuid4().hex[:8]}",
+            "GREENPOOL_MIN_SIZE": 0,
+            "STATS_TOKEN": token,
+        }
+    )
+    try:
+        remote = app.test_client()
+        remote.environ_base["REMOTE_ADDR"] = "10.0.0.5"  # not loopback
+        local = app.test_client()  # REMOTE_ADDR 127.0.0.1
+        for path in ("/_greenpool/stats", "/_greenpool/metrics"):
+            assert remote.get(path).status_code == 403, path
+            assert remote.get(path, headers={"X-Stats-Token": ""}).status_code == 403, path
+            wrong = remote.get(path, headers={"X-Stats-Token": token + "x"})
+            assert wrong.status_code == 403, path
+            with_token = remote.get(path, headers={"X-Stats-Token": token})
+            assert with_token.status_code == (200 if token else 403), path
+            assert local.get(path).status_code == 200, path
+    finally:
+        example_db.close(timeout=1, app=app)
