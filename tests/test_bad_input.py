@@ -230,6 +230,13 @@ CASES: dict[str, Case] = {
     "conninfo-connect-timeout": Case(
         ValueError, "connect_timeout: not a duration",
         lambda e: e.new("host=db connect_timeout=soon"), subject=_nothing),
+    "conninfo-size-cap": Case(
+        ValueError,
+        r"pool_max_conns: 500 is above what a conninfo may set \(100\); pass max_size= explicitly",
+        lambda e: e.new("host=db pool_max_conns=500"), subject=_nothing),
+    "conninfo-lifetime-too-short": Case(
+        ValueError, r"max_lifetime: 1e-09 s is too short \(at least 0\.5 s",
+        lambda e: e.new("host=db pool_max_conn_lifetime=1ns"), subject=_nothing),
     "unknown-parameter": Case(
         TypeError, "unexpected keyword argument 'max_szie'",
         lambda e: e.new(max_szie=5), subject=_nothing),
@@ -272,6 +279,9 @@ CASES: dict[str, Case] = {
     "ping-timeout-zero": Case(
         ValueError, "ping_timeout: must be greater than 0, got 0",
         lambda e: e.new(ping_timeout=0), subject=_nothing),
+    "lifetime-too-short": Case(
+        ValueError, r"max_lifetime: 1e-09 s is too short \(at least 0\.5 s; shorter values churn",
+        lambda e: e.new(max_lifetime=1e-9), subject=_nothing),
     "jitter-above-lifetime": Case(
         ValueError, "max_lifetime_jitter: 20 exceeds max_lifetime 10",
         lambda e: e.new(max_lifetime=10, max_lifetime_jitter=20), subject=_nothing),

@@ -79,6 +79,14 @@ def test_settings_are_coerced_from_strings() -> None:
     ("config", "message"),
     [
         ({"GREENPOOL_MAX_SIZE": "ten"}, r"GREENPOOL_MAX_SIZE: expected a whole number"),
+        # Unicode digits int() would take (or choke on) and a 5000-digit number are refused
+        # as ASCII-only, at most 9 digits, naming the key
+        ({"GREENPOOL_MAX_SIZE": "\u00b2"}, r"GREENPOOL_MAX_SIZE: .*at most 9 ASCII digits$"),
+        ({"GREENPOOL_MAX_SIZE": "\u0663"}, r"GREENPOOL_MAX_SIZE: .*at most 9 ASCII digits$"),
+        ({"GREENPOOL_MAX_SIZE": "9" * 5000}, r"GREENPOOL_MAX_SIZE: .*at most 9 ASCII digits$"),
+        ({"GREENPOOL_NAME": "a\x00b"}, r"GREENPOOL_NAME: a pool name must be 1-63 ASCII"),
+        ({"GREENPOOL_NAME": "web\n"}, r"GREENPOOL_NAME: a pool name must be 1-63 ASCII"),
+        ({"GREENPOOL_NAME": "x" * 100_000}, r"GREENPOOL_NAME: a pool name must be 1-63 ASCII"),
         ({"GREENPOOL_MAX_SIZE": 0}, r"GREENPOOL_MAX_SIZE: must be at least 1"),
         ({"GREENPOOL_MAX_SIZE": True}, r"GREENPOOL_MAX_SIZE: expected a whole number"),
         ({"GREENPOOL_MIN_SIZE": 5, "GREENPOOL_MAX_SIZE": 2}, r"GREENPOOL_MIN_SIZE: 5 is greater"),
@@ -151,6 +159,9 @@ def test_binds_only_without_default_database() -> None:
             r"GREENPOOL_BINDS\['reporting'\]\['max_size'\]: expected a whole number",
         ),
         ({"default": DSN}, r"GREENPOOL_BINDS: a bind name must be"),
+        ({"a\x00b": DSN}, r"GREENPOOL_BINDS: a bind name must be"),  # NUL reached Prometheus
+        ({"new\nline": DSN}, r"GREENPOOL_BINDS: a bind name must be"),
+        ({"x" * 100_000: DSN}, r"GREENPOOL_BINDS: a bind name must be"),
         (["reporting"], r"GREENPOOL_BINDS: expected a dict"),
         ({"reporting": 3}, r"GREENPOOL_BINDS\['reporting'\]: expected a dict"),
     ],

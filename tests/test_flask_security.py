@@ -21,7 +21,7 @@ from flask import Flask, Response, abort, stream_with_context
 
 import greenpool
 from greenpool import GreenPool
-from greenpool.flask import ConfigError, stats_blueprint
+from greenpool.flask import ConfigError, close_all_pools, stats_blueprint
 from tests.support.pgcluster import APP_PASSWORD, APP_USER, PgCluster
 
 SECRET_ROW = "tenant-a-private"
@@ -216,9 +216,12 @@ def test_stats_endpoint_needs_an_explicit_authorisation_choice(
     assert client.get("/_greenpool/metrics").status_code == 200
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0, 1e12])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1.0, 1e12])
 def test_nan_and_infinite_timeouts_are_refused_everywhere(
-    apps: Callable[..., tuple[Flask, GreenPool[Any]]], tenant_schema: str, bad: float
+    apps: Callable[..., tuple[Flask, GreenPool[Any]]],
+    tenant_schema: str,
+    bad: float,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     app, db = apps(tenant_schema)
     with app.app_context():
@@ -226,13 +229,38 @@ def test_nan_and_infinite_timeouts_are_refused_everywhere(
         with pytest.raises(ValueError, match="timeout"):
             pool.close(timeout=bad)
         with pytest.raises(ValueError, match="timeout"):
+            pool.wait(bad)
+        with pytest.raises(ValueError, match="timeout"):
+            pool.drain(timeout=bad)
+        with pytest.raises(ValueError, match="timeout"):
+            pool.connect_dedicated(bad)
+        assert not pool.closed, "a refused timeout closed the pool"
+        with pytest.raises(ValueError, match="timeout"):
             db.close(timeout=bad)
         with pytest.raises(ValueError, match="timeout"):
             db.getconn(timeout=bad)
         with pytest.raises(ValueError, match="timeout"), db.connection(timeout=bad):
             pass
+    fresh: GreenPool[Any] = GreenPool(
+        tenant_schema, name=f"gpsec-new-{uuid.uuid4().hex[:8]}", open=False
+    )
+    try:
+        with pytest.raises(ValueError, match="timeout"):
+            fresh.open(wait=True, timeout=bad)
+        assert fresh.stats()["state"] == "new", "open() started before refusing its timeout"
+    finally:
+        fresh.close()
     with pytest.raises(ValueError, match="timeout"):
         greenpool.close_all(bad)
+    with pytest.raises(ValueError, match="timeout"):
+        close_all_pools(bad)
+    with app.app_context():
+        assert not db.get_pool().closed, "a refused close_all timeout closed a pool"
+    # close_all checks its timeout itself, not only through the first open pool's close()
+    with monkeypatch.context() as patched:
+        patched.setattr(greenpool.fork, "tracked", list)  # no pool open in this process
+        with pytest.raises(ValueError, match="timeout"):
+            greenpool.close_all(bad)
     result = app.test_cli_runner().invoke(args=["greenpool", "check", "--timeout", str(bad)])
     assert result.exit_code == 2 and "--timeout" in result.output, result.output
 
@@ -285,3 +313,38 @@ def test_a_copied_request_context_never_gives_back_the_requests_connection(
 
     assert app.test_client().get("/spawns").status_code == 200
     assert seen == {"acquired": 1, "same": True}
+
+
+@pytest.mark.parametrize("configured_token", ["set", "empty"])
+def test_the_example_apps_stats_answer_loopback_or_the_token_only(
+    dsn: str, configured_token: str
+) -> None:
+    """The example app (served on 0.0.0.0 by its Dockerfile) protects /_greenpool/stats and
+    /metrics: a client elsewhere needs ``X-Stats-Token`` equal to STATS_TOKEN; an empty
+    STATS_TOKEN lets nobody in by an empty header."""
+    from examples.flask_app import create_app
+    from examples.flask_app import db as example_db
+
+    token = uuid.uuid4().hex if configured_token == "set" else ""
+    app = create_app(
+        {
+            "GREENPOOL_CONNINFO": dsn,
+            "GREENPOOL_NAME": f"gpsec-example-{uuid.uuid4().hex[:8]}",
+            "GREENPOOL_MIN_SIZE": 0,
+            "STATS_TOKEN": token,
+        }
+    )
+    try:
+        remote = app.test_client()
+        remote.environ_base["REMOTE_ADDR"] = "10.0.0.5"  # not loopback
+        local = app.test_client()  # REMOTE_ADDR 127.0.0.1
+        for path in ("/_greenpool/stats", "/_greenpool/metrics"):
+            assert remote.get(path).status_code == 403, path
+            assert remote.get(path, headers={"X-Stats-Token": ""}).status_code == 403, path
+            wrong = remote.get(path, headers={"X-Stats-Token": token + "x"})
+            assert wrong.status_code == 403, path
+            with_token = remote.get(path, headers={"X-Stats-Token": token})
+            assert with_token.status_code == (200 if token else 403), path
+            assert local.get(path).status_code == 200, path
+    finally:
+        example_db.close(timeout=1, app=app)
