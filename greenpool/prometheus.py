@@ -7,7 +7,11 @@
 - ``greenpool_hold_seconds``: how long every borrower held its connection.
 
 The pool's ``stats()`` (gauges and counters, named in :mod:`greenpool.stats`) are
-exported beside them. Two modes, chosen by prometheus_client itself:
+exported beside them, with one series per host (``stats()["hosts"]``: label ``host``,
+and ``role`` on ``greenpool_host_connections``) and per read replica
+(``stats()["replicas"]``: label ``replica``, the replica pool's name). A figure that is
+unknown (a replica's lag before it is measured, a host's role change before one is seen)
+has no sample. Two modes, chosen by prometheus_client itself:
 
 - **One process** (``PROMETHEUS_MULTIPROC_DIR`` unset): :class:`PoolCollector` reads
   ``stats()`` at scrape time. Gauges and counters carry the labels ``database``, ``pool``
@@ -21,7 +25,9 @@ exported beside them. Two modes, chosen by prometheus_client itself:
   ``MultiProcessCollector``. Gauges keep one series per worker (``pid`` label, dropped
   when gunicorn's ``child_exit`` calls :func:`mark_process_dead`); counters and
   histograms are summed over the workers, those that exited included, so they never
-  go backwards. :mod:`greenpool.gunicorn` has the hooks.
+  go backwards. :mod:`greenpool.gunicorn` has the hooks. The shared files cannot drop
+  a series a worker wrote: a per-host gauge whose ``role`` changed stays at 0 under the
+  former role, and a figure that became unknown is NaN, until the worker exits.
 
 Needs ``prometheus_client`` (``pip install 'greenpool[prometheus]'``); importing
 greenpool never imports this module.
@@ -35,7 +41,15 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from greenpool.stats import CLOSED_REASONS, COUNTERS, GAUGES, HISTOGRAMS
+from greenpool.stats import (
+    CLOSED_REASONS,
+    COUNTERS,
+    GAUGES,
+    HISTOGRAMS,
+    HOST_STATS,
+    REPLICA_STATS,
+    Stat,
+)
 
 if TYPE_CHECKING:
     from greenpool.api import GreenPool
@@ -50,6 +64,15 @@ BUCKETS = (
 LABELS = ("database", "pool")
 _CLOSED = "greenpool_connections_closed"
 _CLOSED_HELP = "Connections closed by the pool, by reason."
+#: Labels the per-host and per-replica series add to LABELS, by metric name.
+_EXTRA_LABELS = {
+    **{s.metric: ("host",) for s in HOST_STATS},
+    "greenpool_host_connections": ("host", "role"),
+    **{s.metric: ("replica",) for s in REPLICA_STATS},
+}
+#: Per-host and per-replica figures that are None while unknown: their series is left out
+#: (one process) or, in multiprocess mode once a worker has written it, set to NaN.
+_MAYBE_UNKNOWN = frozenset({"last_role_change", "lag_seconds"})
 
 #: Rows a collector reports: (database label, pool).
 Rows = Callable[[], Iterable[tuple[str, "GreenPool[Any]"]]]
@@ -106,7 +129,41 @@ def _make_shared() -> dict[str, Any]:
         _shared[_CLOSED] = prom.Counter(
             _CLOSED, _CLOSED_HELP, labelnames=(*LABELS, "reason"), registry=None
         )
+        for stat in (*HOST_STATS, *REPLICA_STATS):  # keyed by metric: their keys overlap
+            labelnames = (*LABELS, *_EXTRA_LABELS[stat.metric])
+            if stat.kind == "counter":
+                _shared[stat.metric] = prom.Counter(
+                    stat.metric, stat.help, labelnames=labelnames, registry=None
+                )
+            else:
+                _shared[stat.metric] = prom.Gauge(
+                    stat.metric, stat.help, labelnames=labelnames, multiprocess_mode="liveall",
+                    registry=None,
+                )  # fmt: skip
     return _shared
+
+
+#: One per-host or per-replica sample: its Stat, the values of its extra labels (see
+#: _EXTRA_LABELS), and its value (None while unknown).
+Series = tuple[Stat, tuple[str, ...], "float | None"]
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _group_series(stats: dict[str, Any]) -> Iterator[Series]:
+    """The per-host (``stats()["hosts"]``) and per-replica (``stats()["replicas"]``)
+    samples of one pool: host strings and replica pool names only, never a conninfo or
+    an error text."""
+    for host, figures in sorted((stats.get("hosts") or {}).items()):
+        role = str(figures.get("role") or "unknown")
+        for stat in HOST_STATS:
+            extra = (host, role) if stat.metric == "greenpool_host_connections" else (host,)
+            yield stat, extra, _number(figures.get(stat.key))
+    for figures in stats.get("replicas") or ():
+        for stat in REPLICA_STATS:
+            yield stat, (str(figures["name"]),), _number(figures.get(stat.key))
 
 
 # ---------------------------------------------------------------------------- instrumenting
@@ -171,7 +228,12 @@ class Instrumentation:
         else:
             self._buffers = []
             self._observe_wait, self._observe_hold = wait.observe, hold.observe
-        self._synced: dict[str, float] = {}  # counters as last copied (multiprocess mode)
+        self._synced: dict[Any, float] = {}  # counters as last copied (multiprocess mode)
+        #: multiprocess mode: the per-host/per-replica gauges the last sync wrote, by
+        #: (metric, extra label values). The shared files cannot forget a series: one no
+        #: longer reported is set to 0 (a host whose role changed keeps its former role's
+        #: series, at 0, until the worker exits), one that became unknown to NaN.
+        self._written: set[tuple[str, tuple[str, ...]]] = set()
         self._shared = _make_shared() if multiprocess_mode() else None
         self._remove_tracers = pool.add_tracer(on_acquire=self._acquired, on_release=self._released)
         if self._shared is not None:
@@ -203,12 +265,29 @@ class Instrumentation:
             value = 0.0 if closed else float(stats.get(stat.key) or 0)
             shared[stat.key].labels(*self.labels).set(value)
         for stat in COUNTERS:
-            self._advance(shared[stat.key].labels(*self.labels), stat.key, stats)
+            self._advance(shared[stat.key].labels(*self.labels), stat.key, stats.get(stat.key))
         for key, reason in CLOSED_REASONS.items():
-            self._advance(shared[_CLOSED].labels(*self.labels, reason), key, stats)
+            self._advance(shared[_CLOSED].labels(*self.labels, reason), key, stats.get(key))
+        written = set()
+        for stat, extra, figure in _group_series(stats):
+            metric = shared[stat.metric]  # .labels() writes a 0 to the files: only when due
+            series = (stat.metric, extra)
+            if stat.kind == "counter":
+                self._advance(metric.labels(*self.labels, *extra), series, figure)
+                continue
+            if figure is None or (closed and stat.key in _MAYBE_UNKNOWN):
+                if series in self._written:  # cannot be taken out of the shared files
+                    metric.labels(*self.labels, *extra).set(float("nan"))
+                    written.add(series)
+                continue
+            metric.labels(*self.labels, *extra).set(0.0 if closed else figure)
+            written.add(series)
+        for metric, extra in self._written - written:  # e.g. a host's former role
+            shared[metric].labels(*self.labels, *extra).set(0.0)
+        self._written = written
 
-    def _advance(self, counter: Any, key: str, stats: dict[str, Any]) -> None:
-        value = float(stats.get(key) or 0)
+    def _advance(self, counter: Any, key: Any, number: Any) -> None:
+        value = float(number or 0)
         delta = value - self._synced.get(key, 0.0)
         if delta > 0:
             counter.inc(delta)
@@ -219,6 +298,10 @@ class Instrumentation:
         the parent's files)."""
         stats = self.pool.stats()
         self._synced = {k: float(stats.get(k) or 0) for k in _counter_keys()}
+        for stat, extra, value in _group_series(stats):
+            if stat.kind == "counter":
+                self._synced[(stat.metric, extra)] = value or 0.0
+        self._written = set()  # the parent's series are in its own files
 
     def remove(self) -> None:
         """Stop recording for this pool. Never switches."""
@@ -324,6 +407,17 @@ class PoolCollector:
             for key, reason in CLOSED_REASONS.items():
                 closed.add_metric([*values, reason], float(stats.get(key) or 0))
         yield closed
+        families = {}
+        for stat in (*HOST_STATS, *REPLICA_STATS):
+            family = core.CounterMetricFamily if stat.kind == "counter" else core.GaugeMetricFamily
+            families[stat.metric] = family(
+                stat.metric, stat.help, labels=[*labels, *_EXTRA_LABELS[stat.metric]]
+            )
+        for values, stats in rows:
+            for stat, extra, value in _group_series(stats):
+                if value is not None:  # unknown: no sample (see _MAYBE_UNKNOWN)
+                    families[stat.metric].add_metric([*values, *extra], value)
+        yield from families.values()
         wanted = {(values[0], values[1]) for values, _ in rows}
         for histogram in _make_histograms().values():
             for family in histogram.collect():

@@ -110,6 +110,48 @@ CLOSED_REASONS = {
     "broken_destroy_count": "broken",
 }
 STATS = GAUGES + COUNTERS
+#: Per-host figures (``stats()["hosts"]``, keyed by ``host:port``): one series per host.
+#: ``greenpool_host_connections`` also carries the ``role`` the pool last saw on the host.
+HOST_STATS = (
+    Stat(
+        "connections",
+        "gauge",
+        "greenpool_host_connections",
+        "Connections open to this host (idle or lent), labelled with the role the pool "
+        "last saw on it.",
+    ),
+    Stat(
+        "connect_errors",
+        "counter",
+        "greenpool_host_connect_errors",
+        "Failed connection attempts to this host (one a connect then made on another host "
+        "is not in greenpool_connect_errors).",
+    ),
+    Stat(
+        "last_role_change",
+        "gauge",
+        "greenpool_host_last_role_change_timestamp_seconds",
+        "When the pool first saw this host's role or saw it change (Unix time); absent "
+        "until it has seen one.",
+    ),
+)
+#: Per-replica figures (``stats()["replicas"]``, keyed by the replica pool's name).
+REPLICA_STATS = (
+    Stat(
+        "healthy",
+        "gauge",
+        "greenpool_replica_healthy",
+        "1 while the replica answers the monitor and is not marked down.",
+    ),
+    Stat(
+        "lag_seconds",
+        "gauge",
+        "greenpool_replica_lag_seconds",
+        "Replay lag the monitor last measured; absent while unknown.",
+    ),
+    Stat("served", "counter", "greenpool_replica_served", "Connections the replica handed out."),
+    Stat("acquired", "gauge", "greenpool_replica_acquired", "Replica connections lent out."),
+)
 #: Distributions recorded by the exporters' tracers (seconds), keyed like the tracers.
 HISTOGRAMS = (
     Stat(

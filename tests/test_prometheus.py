@@ -4,7 +4,14 @@ prometheus_client; the multi-worker scrape is in test_metrics_gunicorn.py."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from greenpool import GreenPool, prometheus
 from greenpool.flask import GreenPool as FlaskGreenPool
 from greenpool.flask import GreenPoolCollector, stats_blueprint
-from greenpool.stats import COUNTERS, GAUGES, HISTOGRAMS
+from greenpool.stats import COUNTERS, GAUGES, HISTOGRAMS, HOST_STATS, REPLICA_STATS
 from tests.support import dashboard
 
 Factory = Callable[..., GreenPool[Any]]
@@ -183,8 +190,167 @@ def test_every_stat_key_is_exported_once(apps: Any) -> None:
     text = client.get("/_greenpool/metrics").get_data(as_text=True)
     families = [f.name for f in text_string_to_metric_families(text)]
     assert len(families) == len(set(families)), families
-    for stat in (*GAUGES, *COUNTERS, *HISTOGRAMS):
+    for stat in (*GAUGES, *COUNTERS, *HISTOGRAMS, *HOST_STATS, *REPLICA_STATS):
         assert stat.metric in families, stat
+
+
+# ---------------------------------------------------------------------------- hosts, replicas
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connections to it are refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def two_hosts(dsn: str) -> tuple[str, str, str]:
+    """(conninfo listing a dead loopback port first, then the test server; the dead
+    host's label; the server's label), labels as ``stats()["hosts"]`` keys them."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(dsn)
+    host, port = str(params.get("host") or "127.0.0.1"), str(params.get("port") or 5432)
+    dead = closed_port()
+    conninfo = make_conninfo(dsn, host=f"127.0.0.1,{host}", port=f"{dead},{port}")
+    return conninfo, f"127.0.0.1:{dead}", f"{host}:{port}"
+
+
+def scrape(*rows: tuple[str, GreenPool[Any]]) -> list[Any]:
+    registry = CollectorRegistry()
+    registry.register(prometheus.PoolCollector((lambda: list(rows)) if rows else None))
+    return samples(generate_latest(registry).decode())
+
+
+def test_per_host_series_after_borrows_through_two_hosts(dsn: str, make_pool: Factory) -> None:
+    conninfo, dead, live = two_hosts(dsn)
+    pool = make_pool(conninfo, min_size=0, max_size=3, connect_timeout=2)
+    prometheus.instrument(pool, database="orders")
+    held = [pool.getconn() for _ in range(2)]  # two connects, each refused by dead first
+    for conn in held:
+        pool.putconn(conn)
+    for _ in range(5):  # served from the idle connections: no more connects
+        with pool.connection() as conn:
+            conn.execute("SELECT 1")
+    before = time.time()
+    hosts = pool.stats()["hosts"]
+    assert hosts[live]["connections"] == 2 and hosts[dead]["connect_errors"] == 2, hosts
+
+    found = scrape()
+    mine = {"pool": pool.name, "database": "orders", "pid": str(os.getpid())}
+    assert one(found, "greenpool_host_connections", host=live, role="primary", **mine) == 2
+    assert one(found, "greenpool_host_connections", host=dead, role="unknown", **mine) == 0
+    assert one(found, "greenpool_host_connect_errors_total", host=dead, **mine) == 2
+    assert one(found, "greenpool_host_connect_errors_total", host=live, **mine) == 0
+    changed = one(found, "greenpool_host_last_role_change_timestamp_seconds", host=live, **mine)
+    assert changed == hosts[live]["last_role_change"] and before - 60 < changed <= before
+    # the dead host's role was never seen: no sample (not a 0, which would read as 1970)
+    assert pick(found, "greenpool_host_last_role_change_timestamp_seconds", host=dead) == []
+    # every connect succeeded on the second host: no pool-level connect error
+    assert one(found, "greenpool_connect_errors_total", **mine) == 0
+    assert [s for s in found if s.name.startswith("greenpool_replica_")] == []
+    extra = {"greenpool_host_connections": {"host", "role"}}
+    for s in found:
+        if s.name.startswith("greenpool_host_"):
+            assert set(s.labels) == {*mine, *extra.get(s.name, {"host"})}, s
+            assert s.labels["host"] in (dead, live)  # a host:port, never a conninfo
+
+    held = [pool.getconn() for _ in range(3)]  # a third connect: dead refuses it again
+    found = scrape()
+    for conn in held:
+        pool.putconn(conn)
+    assert one(found, "greenpool_host_connections", host=live, role="primary", **mine) == 3
+    assert one(found, "greenpool_host_connect_errors_total", host=dead, **mine) == 3
+
+
+MULTIPROCESS_SCRIPT = textwrap.dedent("""
+    from gevent import monkey; monkey.patch_all()
+    import json, sys
+    from greenpool import GreenPool, prometheus
+    conninfo, live = sys.argv[1:3]
+    pool = GreenPool(conninfo, name="gpp-mp", min_size=0, max_size=3, connect_timeout=2)
+    prometheus.instrument(pool, database="orders")
+    held = [pool.getconn() for _ in range(2)]
+    for conn in held:
+        pool.putconn(conn)
+    scrapes = [prometheus.generate_latest()[0].decode()]
+    pool.hosts.hosts[live].role = "read-only"  # as if it had been demoted
+    scrapes.append(prometheus.generate_latest()[0].decode())
+    pool.close()
+    scrapes.append(prometheus.generate_latest()[0].decode())
+    print(json.dumps(scrapes))
+""")
+
+
+def test_per_host_series_in_multiprocess_mode(dsn: str, tmp_path: Any) -> None:
+    """In the shared files (one worker here): gauges per pid, counters advanced by what
+    happened since the last copy, a former role's series at 0, unknown figures NaN."""
+    conninfo, dead, live = two_hosts(dsn)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-c", MULTIPROCESS_SCRIPT, conninfo, live],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    first, demoted, closed = (samples(text) for text in json.loads(run.stdout))
+    mine = {"pool": "gpp-mp", "database": "orders"}
+    [pid] = {s.labels["pid"] for s in pick(first, "greenpool_host_connections")}
+
+    def host_gauges(found: list[Any], host: str) -> dict[str, float]:
+        return {
+            s.labels["role"]: s.value
+            for s in pick(found, "greenpool_host_connections", host=host, pid=pid, **mine)
+        }
+
+    assert host_gauges(first, live) == {"primary": 2}
+    assert host_gauges(first, dead) == {"unknown": 0}
+    assert host_gauges(demoted, live) == {"primary": 0, "read-only": 2}
+    assert host_gauges(closed, live) == {"primary": 0, "read-only": 0}
+    for found in (first, demoted, closed):  # summed over the workers: no pid label
+        assert one(found, "greenpool_host_connect_errors_total", host=dead, **mine) == 2
+        assert one(found, "greenpool_host_connect_errors_total", host=live, **mine) == 0
+    stamp = "greenpool_host_last_role_change_timestamp_seconds"
+    assert one(first, stamp, host=live, pid=pid, **mine) > 0
+    assert pick(first, stamp, host=dead) == []
+    assert math.isnan(one(closed, stamp, host=live, pid=pid, **mine))
+
+
+@pytest.mark.slow
+def test_replica_series(standby_pair: tuple[Any, Any], make_pool: Factory) -> None:
+    from tests.support.waiting import wait_for
+
+    primary, standby = standby_pair
+    pool = make_pool(
+        primary.dsn(), min_size=1, max_size=3, replicas=[standby.dsn()],
+        max_replica_lag=5.0, replica_check_period=0.1,
+    )  # fmt: skip
+    prometheus.instrument(pool)
+    pool.wait(10)
+    wait_for(lambda: pool.stats()["replicas"][0]["healthy"], 10, what="replica measured")
+    for _ in range(3):
+        with pool.connection(read_only=True) as conn:
+            conn.execute("SELECT 1")
+    held = pool.getconn(read_only=True)
+    try:
+        found = scrape()
+        [replica] = pool.stats()["replicas"]
+    finally:
+        pool.putconn(held)
+    mine = {"pool": pool.name, "replica": replica["name"], "database": "default"}
+    assert replica["name"] == f"{pool.name}-replica0"
+    assert one(found, "greenpool_replica_healthy", **mine) == 1
+    lag = one(found, "greenpool_replica_lag_seconds", **mine)
+    assert replica["lag_seconds"] is not None and 0 <= lag <= 5.0
+    assert one(found, "greenpool_replica_served_total", **mine) == replica["served"] == 4
+    assert one(found, "greenpool_replica_acquired", **mine) == replica["acquired"] == 1
+    replica_samples = [s for s in found if s.name.startswith("greenpool_replica_")]
+    assert len(replica_samples) == 4
+    for s in replica_samples:
+        assert set(s.labels) == {*mine, "pid"}, s  # no conninfo, no error text
+    standby.stop()
+    wait_for(lambda: not pool.stats()["replicas"][0]["healthy"], 10, what="replica marked down")
+    assert one(scrape(), "greenpool_replica_healthy", **mine) == 0
 
 
 # ---------------------------------------------------------------------------- dashboard
@@ -238,10 +404,12 @@ def test_the_dashboard_check_catches_a_wrong_name() -> None:
 
 def test_operations_doc_lists_every_exported_metric() -> None:
     text = (dashboard.DASHBOARD.parents[1] / "docs" / "operations.md").read_text()
-    for stat in (*GAUGES, *HISTOGRAMS):
-        assert f"`{stat.metric}`" in text, stat
-    for stat in COUNTERS:
-        assert f"`{stat.metric}_total`" in text, stat
+    for stat in (*GAUGES, *HISTOGRAMS, *HOST_STATS, *REPLICA_STATS):
+        if stat.kind != "counter":
+            assert f"`{stat.metric}`" in text, stat
+    for stat in (*COUNTERS, *HOST_STATS, *REPLICA_STATS):
+        if stat.kind == "counter":
+            assert f"`{stat.metric}_total`" in text, stat
     assert "`greenpool_connections_closed_total`" in text
 
 
