@@ -12,6 +12,7 @@ message.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -330,6 +331,24 @@ class Target:
         return f"<Target {self.description}>"
 
 
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
+def libpq_connect_timeout(text: str) -> float:
+    """``connect_timeout`` as libpq reads it: whole seconds per host; zero or negative
+    means no bound of its own (inf: the pool's connect_timeout still bounds the connect);
+    1 is taken as 2 (libpq's minimum). ValueError for anything but an integer, which
+    libpq would refuse when connecting."""
+    if len(text) > 20 or not _INTEGER.fullmatch(text):
+        raise ValueError(
+            f"connect_timeout: libpq reads a whole number of seconds, not {text[:20]!r}"
+        )
+    seconds = int(text)
+    if seconds <= 0:
+        return math.inf
+    return float(max(seconds, 2))
+
+
 def make_target(
     conninfo: str, kwargs: Mapping[str, Any], application_name: str
 ) -> tuple[Target, dict[str, Any]]:
@@ -344,10 +363,10 @@ def make_target(
     per_host = None
     if timeout_param is not None:
         # libpq's connect_timeout bounds each host; the pool's connect_timeout all of them.
-        per_host = parse_duration(str(timeout_param), name="connect_timeout")
+        per_host = libpq_connect_timeout(str(timeout_param))
     attempts = host_attempts(merged, per_host)
-    if per_host is not None:
-        settings["connect_timeout"] = max(per_host, 0.001) * (len(attempts) if attempts else 1)
+    if per_host is not None and per_host != math.inf:
+        settings["connect_timeout"] = per_host * (len(attempts) if attempts else 1)
     connect_kwargs = dict(kwargs)
     if "application_name" not in parsed.params and "application_name" not in kwargs:
         connect_kwargs["application_name"] = application_name

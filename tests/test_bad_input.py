@@ -228,7 +228,7 @@ CASES: dict[str, Case] = {
         ValueError, "pool_max_conn_lifetime: not a duration",
         lambda e: e.new("host=db pool_max_conn_lifetime=forever"), subject=_nothing),
     "conninfo-connect-timeout": Case(
-        ValueError, "connect_timeout: not a duration",
+        ValueError, "connect_timeout: libpq reads a whole number of seconds",
         lambda e: e.new("host=db connect_timeout=soon"), subject=_nothing),
     "conninfo-size-cap": Case(
         ValueError,

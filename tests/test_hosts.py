@@ -5,6 +5,7 @@ how the connector walks those attempts under one overall deadline."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Collection
 from typing import Any, cast
@@ -253,16 +254,31 @@ def test_connect_keywords_for_the_hosts_are_split_too() -> None:
     assert target.target_session_attrs == "read-write"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="libpq reads connect_timeout=0 as 'wait indefinitely'; greenpool makes it a "
-    "0 s bound per host (and a 1 ms pool connect_timeout per host)",
-)
-def test_connect_timeout_zero_means_no_bound_as_in_libpq() -> None:
-    target, settings = make_target("host=a,b dbname=app connect_timeout=0", {}, "app")
+@pytest.mark.parametrize("value", ["0", "-5", " 0 "])
+def test_connect_timeout_zero_or_negative_means_no_bound_of_its_own_as_in_libpq(
+    value: str,
+) -> None:
+    """libpq: zero or negative waits indefinitely. Per host that is no bound of its own;
+    the pool's connect_timeout (10 s unless set) still bounds the whole connect."""
+    target, settings = make_target(f"host=a,b dbname=app connect_timeout={value}", {}, "app")
     assert target.attempts is not None
-    assert all(a.timeout > 0 for a in target.attempts)
-    assert settings.get("connect_timeout", 10.0) >= 1.0
+    assert all(a.timeout == math.inf for a in target.attempts)
+    assert "connect_timeout" not in settings  # the pool's own bound stays in force
+    _, settings = make_target(f"host=a dbname=app connect_timeout={value}", {}, "app")
+    assert "connect_timeout" not in settings
+
+
+def test_connect_timeout_of_one_second_is_two_as_in_libpq() -> None:
+    target, settings = make_target("host=a,b dbname=app connect_timeout=1", {}, "app")
+    assert target.attempts is not None
+    assert [a.timeout for a in target.attempts] == [2.0, 2.0]
+    assert settings["connect_timeout"] == 4.0
+
+
+@pytest.mark.parametrize("value", ["5s", "2.5", "1e3", "soon", "²", "9" * 30])
+def test_connect_timeout_that_libpq_would_refuse_is_refused_at_once(value: str) -> None:
+    with pytest.raises(ValueError, match="connect_timeout: libpq reads a whole number"):
+        make_target("host=a,b dbname=app", {"connect_timeout": value}, "app")
 
 
 # ---------------------------------------------------------------------------- the walk
