@@ -54,13 +54,13 @@ def host_attempts(params: Mapping[str, str], timeout: float | None) -> list[Atte
     hosts = _split(params.get("host"))
     addrs = _split(params.get("hostaddr"))
     count = len(hosts) if hosts is not None else (len(addrs) if addrs is not None else 1)
-    if count <= 1:
-        return None
     if addrs is not None and len(addrs) != count:
         raise ValueError("conninfo: hostaddr lists a different number of hosts than host")
     ports = _split(params.get("port"))
     if ports is not None and len(ports) not in (1, count):
         raise ValueError("conninfo: port lists a different number of ports than hosts")
+    if count <= 1:
+        return None
     from psycopg.conninfo import make_conninfo
 
     per_host = timeout if timeout is not None else DEFAULT_ATTEMPT_TIMEOUT

@@ -110,6 +110,14 @@ def test_hostaddr_pairs_with_host_and_may_stand_alone() -> None:
             {"hostaddr": "10.0.0.1,10.0.0.2", "port": "1,2,3"},
             "conninfo: port lists a different number of ports than hosts",
         ),
+        (  # one host, two addresses: libpq refuses it when connecting
+            {"host": "a", "hostaddr": "10.0.0.1,10.0.0.2"},
+            "conninfo: hostaddr lists a different number of hosts than host",
+        ),
+        (
+            {"host": "a", "port": "5432,5433"},
+            "conninfo: port lists a different number of ports than hosts",
+        ),
     ],
 )
 def test_lists_that_do_not_line_up_are_refused(params: dict[str, str], message: str) -> None:
