@@ -26,6 +26,7 @@ from greenpool.flask import GreenPool as FlaskGreenPool
 from tests.support.invariants import backend_starts, settled
 from tests.support.pgcluster import APP_USER
 from tests.support.server import Server
+from tests.support.sessionprobe import PROBE_FIELDS, probe_sql
 from tests.support.waiting import wait_for
 
 Factory = Callable[..., GreenPool[Any]]
@@ -33,18 +34,8 @@ DRIVERS = ["psycopg", "psycopg2"]
 
 # --------------------------------------------------------------------------- reset policies
 
-PROBE = """
-SELECT pg_backend_pid(),
-       current_user,
-       coalesce(current_setting('app.tenant', true), ''),
-       to_regclass('pg_temp.gp_private') IS NOT NULL,
-       (SELECT count(*) FROM pg_prepared_statements WHERE name = 'gp_stmt'),
-       (SELECT count(*) FROM pg_locks
-         WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted),
-       (SELECT count(*) FROM pg_listening_channels() AS c WHERE c = 'gp_channel'),
-       (SELECT count(*) FROM pg_cursors WHERE name = 'gp_cursor')
-"""
-FIELDS = ("role", "setting", "temp table", "prepared stmt", "advisory lock", "LISTEN", "cursor")
+PROBE = probe_sql()
+FIELDS = PROBE_FIELDS
 LEAKED = (APP_USER, "tenant-1", True, 1, 1, 1, 1)
 # What the next borrower of the same backend sees, per policy ("default": none given);
 # the same table as RELIABILITY.md's, which test_security.py checks for psycopg 3.

@@ -42,34 +42,15 @@ from tests.support.pgcluster import (
     PgBinariesNotFoundError,
     PgCluster,
 )
+from tests.support.sessionprobe import PROBE_FIELDS, probe_sql
 
 Factory = Callable[..., GreenPool]
 
 # --------------------------------------------------------------------------- reset
 
 
-SESSION_PROBE = """
-SELECT pg_backend_pid(),
-       current_user,
-       coalesce(current_setting('app.tenant', true), ''),
-       to_regclass('pg_temp.gp_private') IS NOT NULL,
-       (SELECT count(*) FROM pg_prepared_statements WHERE name = 'gp_stmt'),
-       (SELECT count(*) FROM pg_locks
-         WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted),
-       (SELECT count(*) FROM pg_listening_channels() AS c WHERE c = 'gp_channel'),
-       (SELECT count(*) FROM pg_cursors WHERE name = 'gp_cursor'),
-       pg_temp.gp_lastval_known()
-"""
-FIELDS = (
-    "role",
-    "setting",
-    "temp table",
-    "prepared stmt",
-    "advisory lock",
-    "LISTEN",
-    "cursor",
-    "lastval",
-)
+SESSION_PROBE = probe_sql("pg_temp.gp_lastval_known()")
+FIELDS = (*PROBE_FIELDS, "lastval")
 
 # What the next borrower of the same backend sees, per policy ("default": none given).
 #            role        tenant      temp   prepared advisory listen cursor lastval
