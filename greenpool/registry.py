@@ -79,10 +79,11 @@ def registered_pools() -> list[GreenPool[Any]]:
 def close_all(timeout: float = 5.0) -> None:
     """Close every open pool of this process, those from :func:`get_pool` and those made
     directly (e.g. from gunicorn's ``worker_exit``). Each waits up to ``timeout`` seconds
-    for its borrowed connections. Switches."""
+    for its borrowed connections. A pool never opened is left as it is (it holds nothing;
+    a ``db = GreenPool()`` waiting for ``init_app`` stays usable). Switches."""
     timeout = seconds("timeout", timeout)
     for pool in fork.tracked():
-        if isinstance(pool, GreenPool) and pool._state != CLOSED:
+        if isinstance(pool, GreenPool) and pool._state not in (NEW, CLOSED):
             pool.close(timeout)
     for key in [k for k, e in _ENTRIES.items() if e.pool._state == CLOSED]:
         del _ENTRIES[key]

@@ -67,9 +67,16 @@ def test_a_closed_pool_is_replaced_and_close_all_closes_everything(
     first.close()
     second = greenpool.get_pool("", driver=driver, name="reg_close")
     assert second is not first and not second.closed
+    unopened: GreenPool[Any] = GreenPool()  # e.g. a Flask extension before init_app
     greenpool.close_all(timeout=1)
     assert second.closed and direct.closed
     assert driver.open_conns() == []
+    assert unopened.state == "new"  # nothing to close; init_app can still use it
+    from flask import Flask
+
+    app = Flask("after_close_all")
+    app.config["GREENPOOL_CONNINFO"] = "host=127.0.0.1 dbname=nothing"
+    unopened.init_app(app)  # no connection is made until a request borrows
 
 
 def test_unhashable_setting_is_a_clear_error() -> None:
