@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+# HTTP is the next test's; one paired cycle still exercises the cross-check.
+QUICK_CORE = ("--http", "", "--paired-cycles", "1")
 BENCHMARK_TIMEOUT = 300  # "--quick" takes about a minute alone, two on a loaded machine
 
 
@@ -17,7 +19,15 @@ BENCHMARK_TIMEOUT = 300  # "--quick" takes about a minute alone, two on a loaded
 @pytest.mark.timeout(BENCHMARK_TIMEOUT + 60)  # the run's own bound fires first
 def test_quick_benchmark_runs_and_writes_a_report(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--results-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            *QUICK_CORE,
+            "--results-dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=BENCHMARK_TIMEOUT,
