@@ -153,12 +153,15 @@ class Connector:
         """
         pool = self._pool
         epoch = self._epoch if epoch is None else epoch
+        # The generation the connect starts in: one that drain()/reconnect_all() ends while
+        # it connects (old conninfo, old credentials) is retired as soon as it is added.
+        generation = pool._generation
         started = monotonic()
         try:
             with gevent.Timeout(timeout, _ConnectTimeout):
                 conn = self._connect_configured(timeout)
                 try:
-                    rec = self._new_record(conn)
+                    rec = self._new_record(conn, generation)
                     rec.host = self._driver.host_of(conn)
                     self._vetting.after_connect(rec, self._configure is not None)
                 except BaseException:
@@ -267,10 +270,10 @@ class Connector:
                 f"({self.target.description}): {self.target.redact(describe_error(ex))}"
             ) from None
 
-    def _new_record(self, conn: Any) -> Record:
+    def _new_record(self, conn: Any, generation: int) -> Record:
         s = self._pool.settings
         lifetime = s.max_lifetime - random.uniform(0, s.lifetime_jitter())
-        return Record(conn, monotonic() + lifetime, self._pool._generation)
+        return Record(conn, monotonic() + lifetime, generation)
 
     # ------------------------------------------------------------------ failures
 

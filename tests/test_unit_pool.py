@@ -167,3 +167,23 @@ def test_peak_acquired_and_close_all() -> None:
     assert pool.stats()["peak_acquired"] == 3
     greenpool.close_all(timeout=0)
     assert pool.closed and driver.open_conns() == []
+
+
+@pytest.mark.parametrize("how", ["reconnect_all", "drain"])
+def test_a_connection_opening_when_the_pool_reconnects_is_not_kept(how: str) -> None:
+    """A connect that started before reconnect_all()/drain() (old conninfo, old
+    credentials) finishes after it: that connection is retired, not lent."""
+    driver = FakeDriver(connect_delay=0.2)
+    pool, _ = make(driver, min_size=1, max_size=2)
+    wait_for(lambda: len(driver.conns) == 0 and pool.stats()["constructing"] == 1)
+    if how == "reconnect_all":
+        pool.reconnect_all()
+    else:
+        pool.drain(timeout=5)  # opens its own replacement, in the new generation
+    wait_for(lambda: driver.conns, 5, what="the connect that started before to finish")
+    first = driver.conns[0]
+    wait_for(lambda: first.closed, 5, what="the connection opened before to be closed")
+    conn = pool.getconn(timeout=5)
+    assert conn is not first and not conn.closed
+    pool.putconn(conn)
+    pool.close(timeout=1)
