@@ -211,26 +211,37 @@ class Budget:
         }
 
 
-def fetch_pgbouncer_limits(admin_conninfo: str, instances: int, timeout: float) -> PgBouncerLimits:
-    """Read max_client_conn, default_pool_size, reserve_pool_size and pool_mode from a
-    PgBouncer admin console (``dbname=pgbouncer``). Raises BudgetError without secrets."""
+def _read_rows(
+    conninfo: str, sql: str, timeout: float, failure: str, **connect: Any
+) -> tuple[list[Any], dict[str, str]]:
+    """Run ``sql`` on the server ``conninfo`` names; return its rows and libpq's reading
+    of the conninfo. Raises BudgetError starting with ``failure`` (``{target}`` in it is
+    the server, described without secrets), any password masked."""
     try:
-        parsed = _ci.split_conninfo(admin_conninfo)
+        parsed = _ci.split_conninfo(conninfo)
     except ValueError as ex:
         raise BudgetError(str(ex)) from None
-    redact = _ci.Redactor(_ci.secrets_of(admin_conninfo, parsed.params, {}))
+    redact = _ci.Redactor(_ci.secrets_of(conninfo, parsed.params, {}))
     import psycopg
 
     try:
         with psycopg.connect(
-            parsed.conninfo, autocommit=True, connect_timeout=max(1, round(timeout))
+            parsed.conninfo, autocommit=True, connect_timeout=max(1, round(timeout)), **connect
         ) as conn:
-            rows = conn.execute("SHOW CONFIG").fetchall()
+            rows = conn.execute(sql).fetchall()
     except psycopg.Error as ex:
-        raise BudgetError(
-            f"cannot read PgBouncer's settings ({_ci.describe(parsed.params, {})}): "
-            f"{redact(str(ex).strip())}"
-        ) from None
+        text = str(ex).strip().replace("\n", " ")
+        target = _ci.describe(parsed.params, {})
+        raise BudgetError(redact(f"{failure.format(target=target)}: {text}")) from None
+    return rows, parsed.params
+
+
+def fetch_pgbouncer_limits(admin_conninfo: str, instances: int, timeout: float) -> PgBouncerLimits:
+    """Read max_client_conn, default_pool_size, reserve_pool_size and pool_mode from a
+    PgBouncer admin console (``dbname=pgbouncer``). Raises BudgetError without secrets."""
+    rows, _ = _read_rows(
+        admin_conninfo, "SHOW CONFIG", timeout, "cannot read PgBouncer's settings ({target})"
+    )
     config = {str(r[0]): str(r[1]) for r in rows}
     try:
         return PgBouncerLimits(
@@ -251,32 +262,21 @@ def fetch_limits(conninfo: str, timeout: float = 10.0) -> ServerLimits:
 
     Raises BudgetError, with any password masked, when it cannot connect.
     """
-    try:
-        parsed = _ci.split_conninfo(conninfo)
-    except ValueError as ex:
-        raise BudgetError(str(ex)) from None
-    redact = _ci.Redactor(_ci.secrets_of(conninfo, parsed.params, {}))
-    import psycopg
-
-    try:
-        with psycopg.connect(
-            parsed.conninfo,
-            connect_timeout=max(1, round(timeout)),
-            application_name="greenpool-budget",
-            autocommit=True,
-        ) as conn:
-            row = conn.execute(LIMITS_SQL).fetchone()
-    except psycopg.Error as ex:
-        text = str(ex).strip().replace("\n", " ")
-        raise BudgetError(redact(f"cannot read the server's limits: {text}")) from None
-    assert row is not None
+    rows, params = _read_rows(
+        conninfo,
+        LIMITS_SQL,
+        timeout,
+        "cannot read the server's limits",
+        application_name="greenpool-budget",
+    )
+    row = rows[0]
     return ServerLimits(
         max_connections=row[1],
         superuser_reserved_connections=row[2],
         reserved_connections=row[3],
         server_version=row[0],
         client_connections=row[4],
-        target=_ci.describe(parsed.params, {}),
+        target=_ci.describe(params, {}),
     )
 
 
