@@ -12,6 +12,11 @@ Behind PgBouncer (``--pgbouncer`` names its admin console, or ``--max-client-con
 fit PgBouncer's ``max_client_conn`` (times ``--pgbouncer-instances``), and PgBouncer's
 server connections (``default_pool_size + reserve_pool_size`` per instance, for the one
 database/user pair) must fit the server.
+
+With read replicas (``--replica`` names each, or ``$GREENPOOL_REPLICAS`` lists them) every
+worker also keeps a pool per replica (``--replica-max-size``, by default ``--max-size``) and
+the lag monitor keeps one connection to the primary and one to each replica: each replica
+server gets its own budget, and the primary counts the monitor's connection too.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from greenpool import conninfo as _ci
@@ -77,6 +82,19 @@ class PgBouncerLimits:
 
 
 @dataclass
+class ReplicaServer:
+    """A read replica: its limits and the max_size of each worker's pool for it."""
+
+    limits: ServerLimits
+    max_size: int
+
+
+#: Connections the replica lag monitor keeps per worker: one to the primary, one to
+#: each replica (greenpool.routing), outside the pools' max_size.
+MONITOR_CONNECTIONS = 1
+
+
+@dataclass
 class Budget:
     """The app's peak demand against a server's limits (and PgBouncer's, if any)."""
 
@@ -86,11 +104,25 @@ class Budget:
     reserved: int
     limits: ServerLimits
     pgbouncer: PgBouncerLimits | None = None
+    replicas: list[ReplicaServer] = field(default_factory=list)
+
+    @property
+    def _monitor(self) -> int:
+        return MONITOR_CONNECTIONS if self.replicas else 0
 
     @property
     def app_connections(self) -> int:
-        """Connections the app can open at peak."""
-        return self.instances * self.workers * self.max_size
+        """Connections the app can open to the primary (or PgBouncer) at peak."""
+        return self.instances * self.workers * (self.max_size + self._monitor)
+
+    def replica_connections(self, replica: ReplicaServer) -> int:
+        """Connections the app can open to one replica at peak."""
+        return self.instances * self.workers * (replica.max_size + MONITOR_CONNECTIONS)
+
+    @property
+    def total_connections(self) -> int:
+        """Connections the app can open at peak, to every server."""
+        return self.app_connections + sum(self.replica_connections(r) for r in self.replicas)
 
     @property
     def needed(self) -> int:
@@ -117,17 +149,26 @@ class Budget:
 
     @property
     def fits(self) -> bool:
-        """Whether the peak demand fits (the server, and PgBouncer's clients)."""
+        """Whether the peak demand fits (the server, PgBouncer's clients, every replica)."""
         if self.client_spare is not None and self.client_spare < 0:
             return False
-        return self.spare >= 0
+        return self.spare >= 0 and all(self.replica_spare(r) >= 0 for r in self.replicas)
+
+    def replica_spare(self, replica: ReplicaServer) -> int:
+        """Connections left over on one replica at peak (negative: over budget)."""
+        return replica.limits.available - self.replica_connections(replica)
 
     def max_size_that_fits(self) -> int:
         """The largest per-worker max_size that would fit (0 if none)."""
         per_size = self.instances * self.workers
         if self.pgbouncer is not None:
-            return max(0, self.pgbouncer.client_capacity // per_size)
-        return max(0, (self.limits.available - self.reserved) // per_size)
+            return max(0, self.pgbouncer.client_capacity // per_size - self._monitor)
+        return max(0, (self.limits.available - self.reserved) // per_size - self._monitor)
+
+    def replica_max_size_that_fits(self, replica: ReplicaServer) -> int:
+        """The largest per-worker max_size for this replica's pools that would fit."""
+        per_size = self.instances * self.workers
+        return max(0, replica.limits.available // per_size - MONITOR_CONNECTIONS)
 
     def explain(self) -> str:
         """The verdict with its arithmetic, for people."""
@@ -180,10 +221,43 @@ class Budget:
             )
         if lim.client_connections is not None:
             lines.append(f"(right now {lim.client_connections} client connection(s) are open)")
+        for i, replica in enumerate(self.replicas):
+            lines += ["", *self._explain_replica(i, replica)]
+        if self.replicas:
+            lines += [
+                "",
+                f"all servers: {self.total_connections} app connection(s) at peak; "
+                + ("every server fits" if self.fits else "NOT every server fits"),
+            ]
         return "\n".join(lines)
 
+    def _explain_replica(self, index: int, replica: ReplicaServer) -> list[str]:
+        lim, width = replica.limits, 48
+        needed, spare = self.replica_connections(replica), self.replica_spare(replica)
+        product = (
+            f"{self.instances} instance(s) x {self.workers} worker(s) x "
+            f"({replica.max_size} max_size + {MONITOR_CONNECTIONS} lag probe)"
+        )
+        lines = [
+            f"replica {index}: PostgreSQL {lim.server_version or '?'} "
+            f"({lim.target or 'given limits'})",
+            f"  {'available to ordinary roles':<{width}}{lim.available:>6}",
+            f"  {product:<{width}}{needed:>6}",
+        ]
+        if spare >= 0:
+            lines.append(f"yes: {needed} <= {lim.available}, {spare} connection(s) to spare")
+        else:
+            lines.append(
+                f"no: {needed} > {lim.available}, {-spare} connection(s) short; replica "
+                f"max_size {self.replica_max_size_that_fits(replica)} would fit"
+            )
+        return lines
+
     def _product(self) -> str:
-        return f"{self.instances} instance(s) x {self.workers} worker(s) x {self.max_size} max_size"
+        pools = f"{self.max_size} max_size"
+        if self._monitor:
+            pools = f"({pools} + {self._monitor} lag probe)"
+        return f"{self.instances} instance(s) x {self.workers} worker(s) x {pools}"
 
     def as_dict(self) -> dict[str, Any]:
         """The verdict and its inputs, for machines."""
@@ -208,6 +282,18 @@ class Budget:
                 if self.pgbouncer is not None
                 else None
             ),
+            "total_connections": self.total_connections,
+            "replicas": [
+                {
+                    "max_size": r.max_size,
+                    "needed": self.replica_connections(r),
+                    "spare": self.replica_spare(r),
+                    "fits": self.replica_spare(r) >= 0,
+                    "max_size_that_fits": self.replica_max_size_that_fits(r),
+                    "limits": {**asdict(r.limits), "available": r.limits.available},
+                }
+                for r in self.replicas
+            ],
         }
 
 
@@ -339,8 +425,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pgbouncer-instances", type=_positive, default=1, help="PgBouncers in front"
     )
+    parser.add_argument(
+        "--replica",
+        action="append",
+        metavar="CONNINFO",
+        help="a read replica to ask (repeat for each; default: $GREENPOOL_REPLICAS, a JSON "
+        "list of conninfos or of objects with 'conninfo' and 'max_size')",
+    )
+    parser.add_argument(
+        "--replica-max-size",
+        type=_positive,
+        help="max_size of each worker's pool per replica (default: --max-size)",
+    )
+    parser.add_argument(
+        "--replica-max-connections",
+        action="append",
+        type=_positive,
+        metavar="N",
+        help="do not connect: a replica with this max_connections (repeat for each)",
+    )
     parser.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to connect")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _replica_specs(args: argparse.Namespace, environ: dict[str, str]) -> list[tuple[str, int]]:
+    """(conninfo, max_size) of each replica: --replica, else $GREENPOOL_REPLICAS."""
+    default = args.replica_max_size or args.max_size
+    if args.replica:
+        return [(conninfo, default) for conninfo in args.replica]
+    text = environ.get("GREENPOOL_REPLICAS", "").strip()
+    if not text:
+        return []
+    try:
+        listed = json.loads(text) if text.startswith("[") else [text]
+    except ValueError as ex:
+        raise BudgetError(f"GREENPOOL_REPLICAS: not a JSON list ({ex.args[0]})") from None
+    specs = []
+    for i, item in enumerate(listed):
+        if isinstance(item, dict) and isinstance(item.get("conninfo"), str):
+            size = item.get("max_size", default)
+            if type(size) is not int or size < 1:
+                raise BudgetError(f"GREENPOOL_REPLICAS[{i}].max_size: expected an int >= 1")
+            specs.append((item["conninfo"], size))
+        elif isinstance(item, str):
+            specs.append((item, default))
+        else:
+            raise BudgetError(
+                f"GREENPOOL_REPLICAS[{i}]: expected a conninfo or an object with 'conninfo'"
+            )
+    return specs
+
+
+def _replica_servers(args: argparse.Namespace, environ: dict[str, str]) -> list[ReplicaServer]:
+    """The replicas to count, their limits read from each (or given offline)."""
+    if args.replica_max_connections:
+        if args.replica:
+            raise BudgetError("--replica and --replica-max-connections do not go together")
+        size = args.replica_max_size or args.max_size
+        return [
+            ReplicaServer(ServerLimits(n, args.superuser_reserved), size)
+            for n in args.replica_max_connections
+        ]
+    servers = []
+    for i, (conninfo, size) in enumerate(_replica_specs(args, environ)):
+        try:
+            servers.append(ReplicaServer(fetch_limits(conninfo, args.timeout), size))
+        except BudgetError as ex:
+            raise BudgetError(f"replica {i}: {ex}") from None
+    return servers
 
 
 def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
@@ -348,6 +500,8 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
     from greenpool.cli import warn_if_password
 
     warn_if_password("greenpool budget", args.conninfo)
+    for conninfo in args.replica or ():
+        warn_if_password("greenpool budget", conninfo, "--replica", "GREENPOOL_REPLICAS")
     if args.max_connections is not None:
         limits = ServerLimits(args.max_connections, args.superuser_reserved)
     else:
@@ -376,7 +530,14 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
             args.reserve_pool_size,
             instances=args.pgbouncer_instances,
         )
-    budget = Budget(args.instances, args.workers, args.max_size, args.reserved, limits, bouncer)
+    try:
+        replicas = _replica_servers(args, environ)
+    except BudgetError as ex:
+        print(f"greenpool budget: {ex}")
+        return 2
+    budget = Budget(
+        args.instances, args.workers, args.max_size, args.reserved, limits, bouncer, replicas
+    )
     if args.json:
         print(json.dumps(budget.as_dict(), indent=2))
     else:

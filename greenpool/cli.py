@@ -12,7 +12,9 @@ import os
 import sys
 
 
-def warn_if_password(prog: str, conninfo: str | None) -> bool:
+def warn_if_password(
+    prog: str, conninfo: str | None, option: str = "--conninfo", env: str = "DATABASE_URL"
+) -> bool:
     """Warn on stderr when a conninfo given on the command line holds a password.
 
     Every user of the machine can read command lines (``ps``, ``/proc/PID/cmdline``).
@@ -29,8 +31,8 @@ def warn_if_password(prog: str, conninfo: str | None) -> bool:
     if not secrets_of(conninfo, params, {}):
         return False
     print(
-        f"{prog}: warning: --conninfo holds a password, which every user of this machine "
-        "can read in the process list (ps); set DATABASE_URL instead, or keep the password "
+        f"{prog}: warning: {option} holds a password, which every user of this machine "
+        f"can read in the process list (ps); set {env} instead, or keep the password "
         "in a passfile (~/.pgpass)",
         file=sys.stderr,
     )

@@ -164,3 +164,89 @@ def test_pgbouncer_budget_against_a_real_pgbouncer(
         "--max-client-conn", "100", "--default-pool-size", "30",
     )  # fmt: skip
     assert code == 1 and "needed at peak" in out, out  # 30 server connections > 17
+
+
+def test_replicas_each_get_a_budget_and_the_monitor_counts() -> None:
+    """Each replica's pools (their own max_size) and the lag monitor's connection (one to
+    the primary, one per replica, per worker) are counted; every server must fit."""
+    from greenpool.budget import ReplicaServer
+
+    primary = ServerLimits(max_connections=100, superuser_reserved_connections=3)
+    small = ReplicaServer(ServerLimits(40, 3), max_size=4)
+    big = ReplicaServer(ServerLimits(200, 3), max_size=10)
+    budget = Budget(2, 4, 10, 0, primary, replicas=[small, big])
+    assert budget.app_connections == 2 * 4 * (10 + 1)  # 88 <= 97
+    assert budget.replica_connections(small) == 40 and budget.replica_spare(small) == -3
+    assert budget.replica_connections(big) == 88 and budget.replica_spare(big) == 109
+    assert budget.total_connections == 88 + 40 + 88
+    assert not budget.fits  # the small replica is short
+    assert budget.replica_max_size_that_fits(small) == 3  # 37 // 8 - 1
+    assert budget.max_size_that_fits() == 11  # 97 // 8 - 1
+    text = budget.explain()
+    assert "replica 0:" in text and "no: 40 > 37, 3 connection(s) short" in text
+    assert "replica max_size 3 would fit" in text
+    assert "all servers: 216 app connection(s) at peak; NOT every server fits" in text
+    data = budget.as_dict()
+    assert data["total_connections"] == 216 and data["fits"] is False
+    assert [r["fits"] for r in data["replicas"]] == [False, True]
+    assert Budget(2, 4, 10, 0, primary, replicas=[big]).fits
+
+
+def test_cli_replicas_read_from_each_server(
+    dsn: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--replica (and $GREENPOOL_REPLICAS, with a max_size per replica) reads each
+    replica's limits from the server itself."""
+    available = fetch_limits(dsn).available
+    code, out = _run(
+        capsys, "--conninfo", dsn, "--replica", dsn, "--workers", "2", "--max-size", "3",
+        "--replica-max-size", "5", "--json",
+    )  # fmt: skip
+    data = json.loads(out)
+    assert code == 0, out
+    assert data["app_connections"] == 2 * (3 + 1)
+    (replica,) = data["replicas"]
+    assert replica["limits"]["available"] == available and replica["needed"] == 2 * (5 + 1)
+    monkeypatch.setenv("GREENPOOL_REPLICAS", json.dumps([{"conninfo": dsn, "max_size": 7}, dsn]))
+    code, out = _run(capsys, "--conninfo", dsn, "--workers", "1", "--max-size", "2", "--json")
+    assert code == 0, out
+    assert [r["needed"] for r in json.loads(out)["replicas"]] == [8, 3]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[not json", "GREENPOOL_REPLICAS: not a JSON list"),
+        ('[{"conninfo": "host=x", "max_size": 0}]', "GREENPOOL_REPLICAS[0].max_size"),
+        ("[42]", "GREENPOOL_REPLICAS[0]: expected a conninfo"),
+        ('["host=/nonexistent-dir port=1"]', "replica 0: cannot read the server's limits"),
+    ],
+)
+def test_cli_bad_replicas_are_named(
+    value: str,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GREENPOOL_REPLICAS", value)
+    code, out = _run(capsys, "--max-connections", "50", "--workers", "1", "--max-size", "1")
+    assert code == 2 and message in out, out
+
+
+def test_cli_replicas_offline_and_their_password_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out = _run(
+        capsys, "--max-connections", "100", "--workers", "4", "--max-size", "10",
+        "--replica-max-connections", "30", "--replica-max-connections", "60",
+    )  # fmt: skip
+    assert code == 1, out  # 4 x (10 + 1) = 44 > 27 on the first replica
+    assert "no: 44 > 27" in out and "yes: 44 <= 57" in out
+    code = main(
+        ["budget", "--max-connections", "100", "--workers", "1", "--max-size", "1",
+         "--replica", "host=/nonexistent-dir password=hunter2-secret"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "--replica holds a password" in captured.err and "GREENPOOL_REPLICAS" in captured.err
+    assert "hunter2-secret" not in captured.out + captured.err

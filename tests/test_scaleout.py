@@ -233,6 +233,34 @@ def test_reads_go_to_the_standby_and_writes_to_the_primary(
     assert stats["replicas"][0]["served"] >= 2 and stats["replicas"][0]["acquired"] == 0
 
 
+def test_budget_counts_what_a_worker_opens_on_each_server(
+    standby_pair: tuple[PgCluster, Any], make_pool: Factory
+) -> None:
+    """`greenpool budget`'s per-worker arithmetic against ground truth: every connection
+    of one worker's pools borrowed, the backends on the primary and on the standby
+    (pg_stat_activity) are what the budget counts, the lag monitor's probes included."""
+    from greenpool.budget import Budget, ReplicaServer, ServerLimits
+
+    primary, standby = standby_pair
+    app = "gp-budget-truth"
+    pool = make_pool(
+        primary.dsn(application_name=app),
+        max_size=3,
+        replicas=[{"conninfo": standby.dsn(application_name=app), "max_size": 2}],
+        replica_check_period=0.1,
+    )
+    wait_for(lambda: pool.stats()["replicas"][0]["healthy"], 10, what="replica measured")
+    held = [pool.getconn() for _ in range(3)] + [pool.getconn(read_only=True) for _ in range(2)]
+    try:
+        limits = ServerLimits(100)
+        budget = Budget(1, 1, 3, 0, limits, replicas=[ReplicaServer(limits, 2)])
+        assert primary.backend_count(app) == budget.app_connections == 4
+        assert standby.backend_count(app) == budget.replica_connections(budget.replicas[0]) == 3
+    finally:
+        for conn in held:
+            pool.putconn(conn)
+
+
 @pytest.mark.slow
 def test_a_lagging_replica_is_skipped_until_it_catches_up(
     standby_pair: tuple[PgCluster, Any], make_pool: Factory
