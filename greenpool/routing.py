@@ -33,6 +33,7 @@ import gevent
 
 from greenpool.errors import PoolTimeout
 from greenpool.pool import OPEN
+from greenpool.settings import seconds
 from greenpool.vetting import describe_error
 
 if TYPE_CHECKING:
@@ -50,12 +51,22 @@ TOKEN_SQL = "SELECT pg_current_wal_insert_lsn()::text"
 _DOWN_MIN, _DOWN_MAX = 1.0, 30.0
 
 
+def _share_in_use(replica: Replica) -> float:
+    """Least-loaded means the smallest share of the replica pool's own max_size."""
+    return replica.pool.acquired_count() / replica.pool.settings.max_size
+
+
 def parse_lsn(text: str | None) -> int | None:
     """``'16/B374D848'`` -> an int that orders as the WAL does."""
     if not text:
         return None
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) + int(low, 16)
+    high, sep, low = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        return (int(high, 16) << 32) + int(low, 16)
+    except ValueError:
+        raise ValueError(f"not a WAL position such as '16/B374D848': {text!r}") from None
 
 
 @dataclass
@@ -131,23 +142,29 @@ class Router:
             candidates = self._candidates
             if candidates:
                 replica: Replica = (
-                    candidates[0]
-                    if len(candidates) == 1
-                    else min(candidates, key=lambda r: r.pool.acquired_count())
+                    candidates[0] if len(candidates) == 1 else min(candidates, key=_share_in_use)
                 )
                 pool = replica.pool
                 if pool._state == OPEN and pool._connector.failing_since is None:
                     try:
                         conn = pool.getconn(timeout)
                     except PoolTimeout:
-                        pass  # that replica is saturated: the primary may still serve
-                    else:
-                        self._owner[id(conn)] = pool
-                        return conn
+                        if self.fallback == "fail":
+                            raise
+                        # Saturated for the borrower's whole timeout: the primary may
+                        # serve at once, but the borrower must not wait a second time.
+                        return self._fallback(0.0, None)
+                    self._owner[id(conn)] = pool
+                    return conn
             return self._fallback(timeout, None)
-        limit = self._primary.settings.timeout if timeout is None else timeout
+        limit = self._primary.settings.timeout if timeout is None else seconds("timeout", timeout)
         deadline = monotonic() + limit
-        wanted = parse_lsn(after)
+        if not isinstance(after, str) or not after:
+            raise TypeError(f"after: expected a commit token (str), got {after!r}")
+        try:
+            wanted = parse_lsn(after)
+        except ValueError as ex:
+            raise ValueError(f"after: {ex}") from None
         while True:
             chosen = self._choose(wanted)
             if chosen is not None:
@@ -200,7 +217,7 @@ class Router:
                 continue
             if wanted is not None and (replica.replay_lsn or 0) < wanted:
                 continue
-            load = replica.pool.acquired_count() / replica.pool.settings.max_size
+            load = _share_in_use(replica)
             if load < best_load:
                 best, best_load = replica, load
         return best

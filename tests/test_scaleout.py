@@ -328,6 +328,7 @@ def test_read_your_writes_with_a_commit_token(
     the primary. Once replay resumes, the token's read is served by the standby."""
     primary, standby = standby_pair
     make_table(primary, "gp_ryw")
+    standby.wait_caught_up()  # the table itself must reach the standby before the pause
     # A generous lag bound: the paused standby stays a candidate for plain reads.
     pool = replica_pool(make_pool, primary, standby, max_replica_lag=600)
     query = "SELECT count(*), pg_is_in_recovery() FROM gp_ryw WHERE v = %s"
