@@ -140,9 +140,9 @@ def test_failing_replica_is_probed_again_with_backoff(
         attempts: list[float] = []
         connect = replica.pool.connect_dedicated
 
-        def counted() -> Any:
+        def counted(timeout: float | None = None) -> Any:
             attempts.append(time.monotonic())
-            return connect()
+            return connect(timeout)
 
         replica.pool.connect_dedicated = counted  # type: ignore[method-assign]
         proxy.refuse()
