@@ -9,11 +9,12 @@ the list the way libpq does (``hostaddr`` pairs, one port for all or one per hos
 ``load_balance_hosts=random``, the two passes of ``prefer-standby``) so that the driver
 adapter gives each host its own bound and the pool's ``connect_timeout`` bounds them all.
 
-:class:`HostTable` keeps, per ``host:port``, the connections, connect errors, the role
-the pool last saw (primary, read-only), and when it changed. A pool that asked for a
-read-write server (``target_session_attrs=read-write`` or ``primary``) never lends a
-connection to a host it has learned is read-only (a demoted primary that still answers,
-or ``default_transaction_read_only`` switched on): it evicts all of them and reconnects.
+:class:`HostTable` keeps, per ``host:port``, the connections, connect errors, connections
+found broken, the role the pool last saw (primary, read-only), and when it changed. A
+pool that asked for a read-write server (``target_session_attrs=read-write`` or
+``primary``) never lends a connection to a host it has learned is read-only (a demoted
+primary that still answers, or ``default_transaction_read_only`` switched on): it evicts
+all of them and reconnects.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class HostState:
     """What the pool knows about one server."""
 
     connect_errors: int = 0
+    broken_connections: int = 0  # found dead (check, cleaning, given back broken)
     role: str = "unknown"  # "primary", "read-only" or "unknown"
     last_role_change: float | None = None  # time.time() of the last change seen
 
@@ -121,6 +123,9 @@ class HostTable:
     def connect_failed(self, host: str) -> None:
         self._get(host).connect_errors += 1
 
+    def connection_broken(self, host: str) -> None:
+        self._get(host).broken_connections += 1
+
     def saw_role(self, host: str, read_only: bool) -> bool:
         """Record the role seen on ``host``; True when it changed."""
         state = self._get(host)
@@ -138,6 +143,7 @@ class HostTable:
             host: {
                 "connections": connections.get(host, 0),
                 "connect_errors": s.connect_errors,
+                "broken_connections": s.broken_connections,
                 "role": s.role,
                 "last_role_change": s.last_role_change,
             }

@@ -128,6 +128,13 @@ HOST_STATS = (
         "is not in greenpool_connect_errors).",
     ),
     Stat(
+        "broken_connections",
+        "counter",
+        "greenpool_host_broken_connections",
+        "Connections to this host found dead and closed (a failed check, a failed "
+        "cleaning, given back broken); summed over hosts: connections_closed{reason=broken}.",
+    ),
+    Stat(
         "last_role_change",
         "gauge",
         "greenpool_host_last_role_change_timestamp_seconds",

@@ -220,6 +220,7 @@ class Vetting:
             self.check_failed_count += 1
             self.checks_failed_in_row += 1
             self.broken_destroy_count += 1
+            self.hosts.connection_broken(rec.host)
             self._pool._discard(rec)
             if not isinstance(ex, (Exception, _CheckTimeout)):
                 raise
@@ -277,6 +278,7 @@ class Vetting:
             state = ConnState.BROKEN
         if state is not ConnState.IDLE:
             self.broken_destroy_count += 1
+            self.hosts.connection_broken(rec.host)
         return state
 
     def _warn_listen(self, conn: Any) -> None:

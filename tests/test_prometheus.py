@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
+import psycopg
 import pytest
 from flask import Flask
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,6 +28,7 @@ from greenpool.flask import GreenPool as FlaskGreenPool
 from greenpool.flask import GreenPoolCollector, stats_blueprint
 from greenpool.stats import COUNTERS, GAUGES, HISTOGRAMS, HOST_STATS, REPLICA_STATS
 from tests.support import dashboard
+from tests.support.waiting import wait_for
 
 Factory = Callable[..., GreenPool[Any]]
 SLOW = 0.12
@@ -225,7 +227,8 @@ def scrape(*rows: tuple[str, GreenPool[Any]]) -> list[Any]:
 
 def test_per_host_series_after_borrows_through_two_hosts(dsn: str, make_pool: Factory) -> None:
     conninfo, dead, live = two_hosts(dsn)
-    pool = make_pool(conninfo, min_size=0, max_size=3, connect_timeout=2)
+    # check_idle_after=0: pool.check() below pings every idle connection.
+    pool = make_pool(conninfo, min_size=0, max_size=3, connect_timeout=2, check_idle_after=0)
     prometheus.instrument(pool, database="orders")
     held = [pool.getconn() for _ in range(2)]  # two connects, each refused by dead first
     for conn in held:
@@ -262,6 +265,29 @@ def test_per_host_series_after_borrows_through_two_hosts(dsn: str, make_pool: Fa
         pool.putconn(conn)
     assert one(found, "greenpool_host_connections", host=live, role="primary", **mine) == 3
     assert one(found, "greenpool_host_connect_errors_total", host=dead, **mine) == 3
+
+    # Two backends terminated on the server: each connection is found dead once (one by
+    # its borrower's failed query, one by the health check) and counted on its host.
+    assert pool.stats()["hosts"][live]["broken_connections"] == 0
+    victim = pool.getconn()
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (victim.info.backend_pid,))
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("SELECT 1")
+        pool.putconn(victim)
+        idle = pool.getconn()
+        pid = idle.info.backend_pid
+        pool.putconn(idle)
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    pool.check()  # pings the idle connections now (the maintenance greenlet may too)
+    wait_for(lambda: pool.stats()["broken_destroy_count"] == 2, 10, what="both found dead")
+    stats = pool.stats()
+    assert stats["hosts"][live]["broken_connections"] == 2, stats["hosts"]
+    assert stats["hosts"][dead]["broken_connections"] == 0
+    assert stats["broken_destroy_count"] == 2
+    found = scrape()
+    assert one(found, "greenpool_host_broken_connections_total", host=live, **mine) == 2
+    assert one(found, "greenpool_host_broken_connections_total", host=dead, **mine) == 0
 
 
 MULTIPROCESS_SCRIPT = textwrap.dedent("""
