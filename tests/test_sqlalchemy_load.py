@@ -142,7 +142,10 @@ def test_two_hundred_greenlets_on_ten_connections_none_starved(dsn: str, admin: 
 
 @pytest.mark.slow
 def test_kills_and_timeouts_inside_orm_sessions(dsn: str, admin: Any) -> None:
-    engine, app = make(dsn, pool_timeout=5)
+    # A generous pool_timeout: on a machine running other work, the last of the FIFO
+    # queue waited over 5 s (354 TimeoutErrors at ~33 sessions/s); the kills and timeouts
+    # this test injects are its own gevent.Timeouts, not the pool's.
+    engine, app = make(dsn, pool_timeout=30)
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
     guard = Guard(engine)
