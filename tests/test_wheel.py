@@ -3,7 +3,7 @@ advertises: ``greenpool --help``, ``greenpool budget``, ``greenpool demo --quick
 embedded PostgreSQL) and ``gunicorn -c python:greenpool.gunicorn`` on the example app.
 
 Everything runs with its working directory outside the repository and no PYTHONPATH, so
-nothing can come from the source tree. pip's cache keeps the install to tens of seconds.
+nothing can come from the source tree. uv keeps the install to seconds.
 """
 
 from __future__ import annotations
@@ -80,6 +80,15 @@ def _build_wheel(workdir: Path) -> Path:
     return wheel
 
 
+def _installer(py: str) -> list[str]:
+    """uv (a test dependency: ~10x faster from an empty cache), else the venv's pip."""
+    try:
+        from uv import find_uv_bin
+    except ImportError:
+        return [py, "-m", "pip", "install", "--quiet", "--no-compile"]
+    return [find_uv_bin(), "pip", "install", "--quiet", "--python", py]
+
+
 def _wheel_has_every_package(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     packages = {
@@ -143,11 +152,7 @@ def test_wheel_in_a_fresh_virtualenv(workdir: Path, dsn: str) -> None:
     venv = workdir / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], cwd=workdir, timeout=120)
     py = str(venv / "bin" / "python")
-    _run(
-        [py, "-m", "pip", "install", "--quiet", "--no-compile", f"{wheel}[demo]"],
-        cwd=workdir,
-        timeout=600,
-    )
+    _run([*_installer(py), f"{wheel}[demo]"], cwd=workdir, timeout=600)
     timings["install"] = time.monotonic() - t
 
     t = time.monotonic()
