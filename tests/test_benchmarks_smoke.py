@@ -53,6 +53,11 @@ def test_flask_http_quick_runs_every_variant_and_endpoint(tmp_path: Path) -> Non
             "benchmarks",
             "--quick",
             "--flask-http",
+            # one short burst per variant and endpoint: every code path, in 2/3 the time
+            "--http-cycles",
+            "1",
+            "--http-seconds",
+            "0.3",
             "--results-dir",
             str(tmp_path),
         ],
