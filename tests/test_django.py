@@ -331,6 +331,29 @@ def test_close_old_connections_gives_back(django_app: Any) -> None:
     settle()
 
 
+def test_iterator_named_cursor_on_a_pooled_connection(django_app: Any) -> None:
+    """QuerySet.iterator() uses a named (server-side) cursor, WITH HOLD in autocommit:
+    Django 4.2 declares it with server-side binding, later releases (5.2 and 6.x here)
+    with client-side binding (their ServerSideCursor). Either way it runs on the borrowed
+    connection and is closed before the connection goes back."""
+    from django.db import connection
+
+    from examples.django_app.bank.models import Account
+
+    owner = f"it-{uuid.uuid4().hex[:6]}"
+
+    def iterate() -> list[int]:
+        try:
+            Account.objects.bulk_create(Account(owner=owner, balance=i) for i in range(5))
+            rows = Account.objects.filter(owner=owner).order_by("balance")
+            return [int(a.balance) for a in rows.iterator(chunk_size=2)]
+        finally:
+            connection.close()
+
+    assert gevent.spawn(iterate).get(timeout=10) == [0, 1, 2, 3, 4]
+    settle()
+
+
 def test_time_zone_changes_reach_pooled_connections(django_app: Any) -> None:
     """A TIME_ZONE/USE_TZ change (override_settings) applies to connections borrowed after
     it: Django sets the session's zone at every borrow (init_connection_state). Django >=
