@@ -331,6 +331,57 @@ def test_close_old_connections_gives_back(django_app: Any) -> None:
     settle()
 
 
+def test_iterator_named_cursor_on_a_pooled_connection(django_app: Any) -> None:
+    """QuerySet.iterator() uses a named (server-side) cursor, WITH HOLD in autocommit:
+    Django 4.2 declares it with server-side binding, later releases (5.2 and 6.x here)
+    with client-side binding (their ServerSideCursor). Either way it runs on the borrowed
+    connection and is closed before the connection goes back."""
+    from django.db import connection
+
+    from examples.django_app.bank.models import Account
+
+    owner = f"it-{uuid.uuid4().hex[:6]}"
+
+    def iterate() -> list[int]:
+        try:
+            Account.objects.bulk_create(Account(owner=owner, balance=i) for i in range(5))
+            rows = Account.objects.filter(owner=owner).order_by("balance")
+            return [int(a.balance) for a in rows.iterator(chunk_size=2)]
+        finally:
+            connection.close()
+
+    assert gevent.spawn(iterate).get(timeout=10) == [0, 1, 2, 3, 4]
+    settle()
+
+
+def test_time_zone_changes_reach_pooled_connections(django_app: Any) -> None:
+    """A TIME_ZONE/USE_TZ change (override_settings) applies to connections borrowed after
+    it: Django sets the session's zone at every borrow (init_connection_state). Django >=
+    5.1's ensure_timezone() also closes the alias's pool (close_pool), 4.2's does not."""
+    import datetime
+
+    from django.db import connection
+    from django.test.utils import override_settings
+
+    def zone_and_now() -> tuple[str, datetime.datetime]:
+        try:
+            with connection.cursor() as cur:
+                cur.execute("SELECT current_setting('TimeZone'), now()")
+                row = cur.fetchone()
+                return str(row[0]), row[1]
+        finally:
+            connection.close()
+
+    zone, now = gevent.spawn(zone_and_now).get(timeout=10)
+    assert zone == "UTC" and now.utcoffset() == datetime.timedelta(0)
+    with override_settings(USE_TZ=False, TIME_ZONE="Asia/Tokyo"):
+        zone, now = gevent.spawn(zone_and_now).get(timeout=10)
+        assert zone == "Asia/Tokyo" and now.tzinfo is None  # naive, in Tokyo time
+    zone, now = gevent.spawn(zone_and_now).get(timeout=10)
+    assert zone == "UTC" and now.utcoffset() == datetime.timedelta(0)
+    settle()
+
+
 def test_bad_pool_options_name_the_setting(django_app: Any, dsn: str) -> None:
     from django.core.exceptions import ImproperlyConfigured
 
@@ -380,3 +431,108 @@ def test_without_gevent_the_backend_connects_as_django_does(dsn: str) -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split()
     assert int(lines[0]) >= 0 and lines[1] == "None"
+
+
+PSYCOPG2_SCRIPT = """
+from gevent import monkey
+
+monkey.patch_all()
+import json, os
+import django
+
+django.setup()  # the example project's settings; GP_DJANGO_PSYCOPG2=1 hides psycopg 3
+import gevent
+from gevent.event import Event
+from django.core.management import call_command
+from django.db import connection, transaction
+from examples.django_app.bank.models import Account
+from greenpool.django import get_pool
+from tests.support.waiting import wait_for
+
+call_command("migrate", verbosity=0)
+connection.close()  # the main greenlet's, back to the pool
+owner = os.environ["OWNER"]
+pids, modules = [], set()
+all_in, release = Event(), Event()
+
+def hold():
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        pids.append(cur.fetchone()[0])
+    modules.add(type(connection.connection).__module__.split(".")[0])
+    if len(pids) == 3:
+        all_in.set()
+    release.wait(10)
+    connection.close()
+
+holders = [gevent.spawn(hold) for _ in range(3)]
+assert all_in.wait(10), pids
+release.set()
+gevent.joinall(holders, timeout=10, raise_error=True)
+
+def commit():
+    with transaction.atomic():
+        Account.objects.create(owner=owner + "-ok")
+    connection.close()
+
+started = Event()
+
+def killed():
+    with transaction.atomic():
+        Account.objects.create(owner=owner + "-killed")
+        started.set()
+        gevent.sleep(30)
+
+gevent.spawn(commit).get(timeout=10)
+victim = gevent.spawn(killed)
+assert started.wait(10)
+victim.kill(timeout=10)
+counts = [Account.objects.filter(owner=owner + suffix).count() for suffix in ("-ok", "-killed")]
+connection.close()
+pool = get_pool("default")
+# The killed greenlet's connection goes back from a greenlet its end spawned.
+wait_for(lambda: pool.stats()["acquired"] == 0, timeout=10, what="every connection back")
+print(json.dumps({
+    "database": connection.Database.__name__,
+    "modules": sorted(modules),
+    "pids": len(set(pids)),
+    "ok": counts[0],
+    "killed": counts[1],
+    "stats": pool.stats(),
+}))
+"""
+
+
+def test_psycopg2_backend_under_gevent(dsn: str) -> None:
+    """The backend on psycopg2 (psycopg 3 hidden, as the example project does with
+    GP_DJANGO_PSYCOPG2=1), gevent-patched: a pooled connection per greenlet, a committed
+    transaction, a killed one rolled back, everything given back."""
+    owner = f"p2-{uuid.uuid4().hex[:6]}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": dsn,
+        "DJANGO_SETTINGS_MODULE": "examples.django_app.settings",
+        "GP_DJANGO_NAME": APP + "-p2",
+        "GP_DJANGO_PSYCOPG2": "1",
+        "GP_DJANGO_MAX_SIZE": "3",
+        "OWNER": owner,
+        "PYTHONPATH": repo_root(),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PSYCOPG2_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=repo_root(),
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["database"] == "psycopg2" and result["modules"] == ["psycopg2"]
+    assert result["pids"] == 3  # three greenlets, three pooled backends at once
+    assert (result["ok"], result["killed"]) == (1, 0)
+    stats = result["stats"]
+    assert stats["acquired"] == 0
+    # migrate's, three holders', commit's, the killed greenlet's, the counts'
+    assert stats["returns_count"] == stats["acquire_count"] >= 7
+    assert committed(dsn, owner + "-ok") == 1 and committed(dsn, owner + "-killed") == 0
