@@ -189,17 +189,20 @@ def test_settings_made_by_configure_survive_the_reset(make_pool: Factory) -> Non
         assert conn.execute("SHOW work_mem").fetchone() != ("77MB",)
 
 
+@pytest.mark.parametrize("autocommit", [False, True], ids=["transaction", "autocommit"])
 @pytest.mark.parametrize("policy", ["light", "session", "discard"])
 def test_reset_keeps_psycopg_prepared_statement_cache_consistent(
-    make_pool: Factory, policy: str
+    make_pool: Factory, policy: str, autocommit: bool
 ) -> None:
     """psycopg prepares a query server-side after 5 executions; DISCARD ALL drops it on
-    the server, and psycopg must notice so the next borrower's executions still work."""
+    the server, and psycopg must notice so the next borrower's executions still work
+    (also when no rollback on release made psycopg forget them: an autocommit borrower)."""
     pool = _pool(make_pool, policy)
     query = "SELECT %s::int + 1"
     pids = []
     for _borrower in range(2):
         with pool.connection() as conn:
+            conn.autocommit = autocommit
             pids.append(conn.info.backend_pid)
             for i in range(10):
                 row = conn.execute(query, [i]).fetchone()

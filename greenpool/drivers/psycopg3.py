@@ -25,7 +25,7 @@ logger = logging.getLogger("greenpool")
 
 WAIT_ENV = "GREENPOOL_PSYCOPG_WAIT"
 
-# The commands after which psycopg clears its prepared-statement cache (psycopg/_preparing.py).
+# What makes psycopg clear its prepared-statement cache (psycopg/_preparing.py).
 _FORGETS_PREPARED = re.compile(r"\b(?:DROP|ALTER|ROLLBACK|DISCARD\s+ALL|DEALLOCATE)\b", re.I)
 
 
@@ -64,7 +64,7 @@ class Psycopg3Driver(LibpqDriver):
         self._generators = generators
         self._idle = TransactionStatus.IDLE
         self._fatal = ExecStatus.FATAL_ERROR
-        self._bypass: dict[str, bool] = {}
+        self._forgets: dict[str, bool] = {}
         self._status = {
             TransactionStatus.IDLE: ConnState.IDLE,
             TransactionStatus.INTRANS: ConnState.IN_TRANSACTION,
@@ -148,30 +148,33 @@ class Psycopg3Driver(LibpqDriver):
         message straight through libpq: no cursor, no autocommit switch. The release
         reset runs this on every return: about 40% less client CPU than a cursor."""
         pgconn = conn.pgconn
-        if (
-            pgconn.transaction_status != self._idle
-            or pgconn.pipeline_status
-            or not self._bypass_ok(sql)
-        ):
+        if pgconn.transaction_status != self._idle or pgconn.pipeline_status:
             super().execute(conn, sql)  # psycopg's own path: it refuses what it refuses
             return
         encoding = conn.info.encoding
-        with conn.lock:
-            pgconn.send_query(sql.encode(encoding))
-            results = conn.wait(self._generators.execute(pgconn))
+        try:
+            with conn.lock:
+                pgconn.send_query(sql.encode(encoding))
+                results = conn.wait(self._generators.execute(pgconn))
+        finally:
+            if self._forgets_prepared(sql):
+                # The server dropped (or may have dropped) psycopg's prepared statements:
+                # psycopg must prepare again rather than run "_pg3_0", which is gone.
+                # It notices by itself only for statements it ran through a cursor.
+                prepared = getattr(conn, "_prepared", None)
+                if prepared is not None:
+                    prepared.clear()
         for res in results:
             if res.status == self._fatal:
                 raise self._psycopg.errors.error_from_result(res, encoding=encoding)
 
-    def _bypass_ok(self, sql: str) -> bool:
-        # psycopg forgets its prepared statements when one of these commands completes
-        # (DISCARD ALL drops them on the server): those go through the cursor so it does.
-        ok = self._bypass.get(sql)
-        if ok is None:
-            ok = _FORGETS_PREPARED.search(sql) is None
-            if len(self._bypass) < 64:  # the pool's few fixed statements
-                self._bypass[sql] = ok
-        return ok
+    def _forgets_prepared(self, sql: str) -> bool:
+        forgets = self._forgets.get(sql)
+        if forgets is None:
+            forgets = _FORGETS_PREPARED.search(sql) is not None
+            if len(self._forgets) < 64:  # the pool's few fixed statements
+                self._forgets[sql] = forgets
+        return forgets
 
     def _run(self, conn: Any, sql: str, params: Any = None) -> list[Any]:
         # prepare=False: psycopg would otherwise prepare a statement the pool repeats
