@@ -76,7 +76,7 @@ class Record:
         self.expires_at = expires_at
         self.generation = generation
         self.host = ""  # "host:port" of its server (see greenpool.hosts)
-        self.client_state: Any = None  # the driver's snapshot of client attributes
+        self.client_state: Any = None  # vetting's CleanState (client attributes, sent mark)
         self.session_settings: list[tuple[str, str]] | None = None  # set by `configure`
         # Only while tracers or leak detection are on (see tracing.py, leaks.py):
         self.lent_at = 0.0

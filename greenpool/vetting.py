@@ -13,7 +13,10 @@ Reset policies (``reset=``), what a released connection gets before the next bor
   SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES``, then the settings
   the ``configure`` callback made are applied again. Client-side attributes (autocommit,
   read_only, isolation_level, row_factory ...) are restored and buffered notifications
-  dropped, with no I/O.
+  dropped, with no I/O. A borrower that sent nothing at all (the kernel's count of bytes
+  written on the TCP socket has not moved since the last reset) cannot have changed the
+  session: its release skips the round trip (not over a Unix socket, where the count is
+  unknown, nor with a callable).
 - ``"discard"``: the same with ``DISCARD ALL`` (also drops prepared statements).
 - ``"light"``: like ``"session"`` but keeps temporary tables.
 - ``"client"``: client-side attributes and buffers only, no round trip: for apps that
@@ -107,6 +110,19 @@ def get_reset_policy(reset: Callable[[Any], None] | str | None) -> ResetPolicy:
     raise ValueError(
         f"reset: expected a policy name, a callable or None, got {type(reset).__name__}"
     )
+
+
+class CleanState:
+    """What a connection looked like when last clean: the driver's snapshot of its
+    client-side attributes, and its sent-bytes mark (``Driver.sent_marker``; None when
+    unknown or when the policy runs a callable): while the mark has not moved, the
+    borrower sent nothing, and a release skips the server-side reset."""
+
+    __slots__ = ("client", "sent")
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.sent: int | None = None
 
 
 class _CheckTimeout(Exception):
@@ -231,6 +247,9 @@ class Vetting:
             )
             return False
         self.checks_failed_in_row = 0
+        saved = rec.client_state
+        if saved is not None and saved.sent is not None and self._check is None:
+            saved.sent = self._driver.sent_marker(rec.conn)  # an idle record: clean
         if self.observe_role(rec):
             self._pool._discard(rec)
             return False
@@ -259,13 +278,25 @@ class Vetting:
 
         Each round trip (rollback, reset) is bounded by ping_timeout: past it the
         connection counts as broken (the pool then cancels its query and closes it).
-        Switches, except for an idle connection under a client-side-only policy."""
-        if state is ConnState.IDLE and not self.policy.server_side:
-            if self.warn_session_features:
-                self._warn_listen(rec.conn)
-            if rec.client_state is not None:  # no I/O, so no timer either
-                self._driver.restore_client_state(rec.conn, rec.client_state)
-            return state
+        Switches, except for an idle connection under a client-side-only policy or one
+        whose borrower sent nothing."""
+        if state is ConnState.IDLE:
+            saved = rec.client_state
+            if not self.policy.server_side:
+                if self.warn_session_features:
+                    self._warn_listen(rec.conn)
+                if saved is not None:  # no I/O, so no timer either
+                    self._driver.restore_client_state(rec.conn, saved.client)
+                return state
+            if (
+                saved is not None
+                and saved.sent is not None
+                and self._driver.sent_marker(rec.conn) == saved.sent
+            ):
+                # Not one byte sent since it was last reset (or opened): its session on
+                # the server is as clean as then; only the client side may differ.
+                self._driver.restore_client_state(rec.conn, saved.client)
+                return state
         try:
             with gevent.Timeout(self._pool.settings.ping_timeout, _CheckTimeout):
                 state = self._clean(rec, state)
@@ -301,8 +332,9 @@ class Vetting:
         if state is not ConnState.IDLE:
             return state
         policy = self.policy
-        if policy.client and rec.client_state is not None:
-            driver.restore_client_state(conn, rec.client_state)
+        saved = rec.client_state
+        if policy.client and saved is not None:
+            driver.restore_client_state(conn, saved.client)
         if policy.server_side:
             self.reset_count += 1
             if policy.sql is not None:
@@ -314,6 +346,8 @@ class Vetting:
             state = driver.state(conn)
             if state is ConnState.IDLE and self.observe_role(rec):
                 return ConnState.BROKEN  # its server turned read-only
+            if saved is not None and saved.sent is not None:
+                saved.sent = driver.sent_marker(conn)
         return state
 
     def after_connect(self, rec: Record, configured: bool) -> None:
@@ -322,10 +356,13 @@ class Vetting:
         settings and role set since it connected (by ``configure``, or by whatever runs
         at connect: SQLAlchemy's connect events, Django's connection set-up). Switches
         (one round trip) in the latter case."""
+        saved = None
         if self.policy.client:
-            rec.client_state = self._driver.client_state(rec.conn)
+            rec.client_state = saved = CleanState(self._driver.client_state(rec.conn))
         if self.policy.sql is not None:
             rec.session_settings = capture(self._driver, rec.conn)
+            if saved is not None and self.policy.func is None:
+                saved.sent = self._driver.sent_marker(rec.conn)
 
 
 def capture(driver: Driver, conn: Any) -> list[tuple[str, str]]:

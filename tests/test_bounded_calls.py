@@ -30,9 +30,9 @@ def proxy(cluster: PgCluster) -> Iterator[FaultProxy]:
         yield fp
 
 
-@pytest.mark.parametrize("in_transaction", [False, True], ids=["idle", "in-transaction"])
+@pytest.mark.parametrize("used", ["idle", "in-transaction", "untouched"])
 def test_release_on_a_black_hole_returns_within_ping_timeout(
-    cluster: PgCluster, proxy: FaultProxy, make_pool: Factory, in_transaction: bool
+    cluster: PgCluster, proxy: FaultProxy, make_pool: Factory, used: str
 ) -> None:
     ping_timeout = 0.5
     pool = make_pool(
@@ -42,8 +42,11 @@ def test_release_on_a_black_hole_returns_within_ping_timeout(
         ping_timeout=ping_timeout,
     )
     conn = pool.getconn(timeout=10)
-    if in_transaction:
+    if used == "in-transaction":
         conn.execute("SELECT 1")  # a transaction is open: the release must roll back
+    elif used == "idle":
+        conn.autocommit = True
+        conn.execute("SELECT 1")  # idle, but the session was used: the release resets it
     proxy.blackhole()
     start = time.monotonic()
     done = gevent.spawn(pool.putconn, conn)
@@ -51,6 +54,13 @@ def test_release_on_a_black_hole_returns_within_ping_timeout(
     took = time.monotonic() - start
     assert took < ping_timeout * 4, f"putconn took {took:.2f} s on a black hole"
     stats = pool.stats()
+    if used == "untouched":
+        # Nothing sent, so nothing to reset: no round trip, and so no news of the black
+        # hole either; the checkout ping of an idle connection is what finds it.
+        assert stats["broken_destroy_count"] == 0 and stats["idle"] == 1
+        assert took < ping_timeout
+        proxy.heal()
+        return
     assert stats["broken_destroy_count"] == 1 and stats["idle"] == 0
     proxy.heal()
     with pool.connection(timeout=10) as fresh:  # a new connection replaces it

@@ -22,6 +22,7 @@ import pytest
 from flask import Flask
 
 from greenpool import GreenPool
+from greenpool.drivers import ConnState, get_driver
 from greenpool.flask import GreenPool as FlaskGreenPool
 from tests.support.invariants import backend_starts, settled
 from tests.support.pgcluster import APP_USER
@@ -240,3 +241,41 @@ def test_forked_flask_app_never_touches_a_parent_backend(
     served = client.get("/pid").json
     assert served is not None and served["pid"] in parent, served
     settled(pool, admin)
+
+
+# --------------------------------------------------------------------------- driver.execute
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_driver_execute_runs_every_statement_and_raises_the_servers_error(
+    dsn: str, driver: str
+) -> None:
+    """execute() (the reset's path; psycopg 3 skips the cursor) runs a multi-statement
+    string in one go, leaves the connection idle with its autocommit untouched, raises the
+    server's error as the driver's own exception, and refuses a connection mid-transaction
+    as the driver does, instead of running the statements inside that transaction."""
+    drv = get_driver(driver)
+    drv.prepare()
+    conn = drv.connect(dsn, {}, 10.0)
+    try:
+        drv.execute(conn, "SET work_mem = '7MB'; SET statement_timeout = '7s'")
+        assert drv.query(conn, "SHOW work_mem") == [("7MB",)]
+        assert drv.query(conn, "SHOW statement_timeout") == [("7s",)]
+        assert conn.autocommit is False and drv.state(conn) is ConnState.IDLE
+        drv.execute(conn, "RESET ALL; SET work_mem = '8MB'")
+        assert drv.query(conn, "SHOW work_mem") == [("8MB",)]
+        with pytest.raises(Exception, match="division by zero") as info:
+            drv.execute(conn, "SELECT 1; SELECT 1/0; SET work_mem = '9MB'")
+        assert type(info.value).__module__.split(".")[0] == driver
+        assert drv.state(conn) is ConnState.IDLE
+        assert drv.query(conn, "SHOW work_mem") == [("8MB",)]  # the implicit block rolled back
+        drv.ping(conn)
+        cur = conn.cursor()
+        cur.execute("SELECT 1")
+        assert drv.state(conn) is ConnState.IN_TRANSACTION
+        with pytest.raises(Exception, match=r"autocommit|inside a transaction"):
+            drv.execute(conn, "SET work_mem = '9MB'")
+        conn.rollback()
+        assert drv.query(conn, "SHOW work_mem") == [("8MB",)]
+    finally:
+        drv.close(conn)

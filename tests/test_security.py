@@ -189,17 +189,20 @@ def test_settings_made_by_configure_survive_the_reset(make_pool: Factory) -> Non
         assert conn.execute("SHOW work_mem").fetchone() != ("77MB",)
 
 
+@pytest.mark.parametrize("autocommit", [False, True], ids=["transaction", "autocommit"])
 @pytest.mark.parametrize("policy", ["light", "session", "discard"])
 def test_reset_keeps_psycopg_prepared_statement_cache_consistent(
-    make_pool: Factory, policy: str
+    make_pool: Factory, policy: str, autocommit: bool
 ) -> None:
     """psycopg prepares a query server-side after 5 executions; DISCARD ALL drops it on
-    the server, and psycopg must notice so the next borrower's executions still work."""
+    the server, and psycopg must notice so the next borrower's executions still work
+    (also when no rollback on release made psycopg forget them: an autocommit borrower)."""
     pool = _pool(make_pool, policy)
     query = "SELECT %s::int + 1"
     pids = []
     for _borrower in range(2):
         with pool.connection() as conn:
+            conn.autocommit = autocommit
             pids.append(conn.info.backend_pid)
             for i in range(10):
                 row = conn.execute(query, [i]).fetchone()
@@ -220,6 +223,8 @@ def test_reset_cost_per_release(make_pool: Factory) -> None:
         samples = []
         for _ in range(rounds):
             conn = pool.getconn()
+            conn.autocommit = True
+            conn.execute("SELECT 1")  # a used session (an untouched one skips the reset)
             t0 = time.perf_counter_ns()
             pool.putconn(conn)
             samples.append((time.perf_counter_ns() - t0) / 1e3)
@@ -523,3 +528,61 @@ def test_sslmode_verify_full(tls_cluster: tuple[PgCluster, Path], make_pool: Fac
         messages[what] = str(info.value).split("): ", 1)[-1]
     assert "certificate verify failed" in messages["unknown CA"], messages
     assert "does not match host name" in messages["wrong host name"], messages
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_reset_round_trip_skipped_only_when_the_borrower_sent_nothing(
+    make_pool: Factory, driver: str
+) -> None:
+    """A borrower that sent nothing (the TCP socket's count of bytes written did not
+    move) leaves the session as it found it: its release restores the client side only.
+    Any byte sent (a SET, a ping, a rollback) means a full reset; the next borrower
+    never sees the SET."""
+    pool = _pool(make_pool, "session", driver=driver)
+
+    def resets() -> int:
+        return int(pool.stats()["reset_count"])
+
+    conn = pool.getconn()
+    pid = conn.info.backend_pid
+    conn.autocommit = True  # client side only: no byte sent
+    pool.putconn(conn)
+    assert resets() == 0
+    conn = pool.getconn()
+    assert conn.autocommit is False  # restored all the same
+    conn.autocommit = True
+    cur = conn.cursor()
+    cur.execute("SET work_mem = '77MB'")
+    cur.close()
+    pool.putconn(conn)
+    assert resets() == 1
+    for expected in (1, 1):  # untouched again after the reset: the mark moved with it
+        conn = pool.getconn()
+        pool.putconn(conn)
+        assert resets() == expected
+    conn = pool.getconn()
+    cur = conn.cursor()
+    cur.execute("SELECT current_setting('work_mem'), pg_backend_pid()")
+    row = cur.fetchone()
+    cur.close()
+    assert row is not None and row[0] != "77MB" and row[1] == pid
+    pool.putconn(conn)  # in a transaction: rollback and reset
+    assert resets() == 2
+
+
+def test_sent_marker_unknown_on_a_unix_socket_and_moved_by_the_pools_pings(
+    make_pool: Factory,
+) -> None:
+    """No count on a Unix socket (None: such a pool resets on every release, and the fd
+    stays open); the pool's own pings move the mark without dirtying the session, so an
+    untouched borrow still skips the reset with check_idle_after=0."""
+    from greenpool.drivers.common import tcp_sent_marker
+
+    a, b = socket.socketpair()
+    with a, b:
+        assert tcp_sent_marker(a.fileno()) is None
+        assert a.fileno() >= 0  # borrowed, not closed
+    pinged = _pool(make_pool, "session", check_idle_after=0.0)
+    for _ in range(3):
+        pinged.putconn(pinged.getconn())  # pinged at each checkout, nothing sent by us
+    assert pinged.stats()["reset_count"] == 0

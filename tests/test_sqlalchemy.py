@@ -133,6 +133,27 @@ def test_reset_on_return(make_engine: Any, dsn: str) -> None:
         assert conn4.execute(text("SELECT count(*) FROM sa_reset")).scalar() == 1
 
 
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_session_state_never_crosses_and_idle_checkouts_skip_the_reset(
+    make_engine: Any, driver: str
+) -> None:
+    """A SET through the engine never reaches the next connection (greenpool resets the
+    session after SQLAlchemy's rollback); a checkout that sent nothing costs no round
+    trip on return."""
+    engine, _ = make_engine(driver, pool_size=1, max_overflow=0, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        default = conn.exec_driver_sql("SHOW work_mem").scalar()
+        conn.exec_driver_sql("SET work_mem = '77MB'")
+    gp = engine.pool.greenpool
+    resets = gp.stats()["reset_count"]
+    for _ in range(3):
+        engine.connect().close()
+    assert gp.stats()["reset_count"] == resets
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW work_mem").scalar() == default != "77MB"
+    assert gp.stats()["reset_count"] == resets + 1
+
+
 def test_dispose_and_recreate(make_engine: Any, dsn: str) -> None:
     engine, app = make_engine(pool_size=2, max_overflow=0)
     checkins: list[int] = []

@@ -63,6 +63,11 @@ class Driver(Protocol):
         """Put back what :meth:`client_state` saw, and drop buffered notifications and
         notices, so nothing client-side crosses from one borrower to the next. No I/O."""
 
+    def sent_marker(self, conn: Any) -> int | None:
+        """A count that grows whenever bytes are sent to the server on ``conn`` (the
+        kernel's TCP counters): two equal readings prove nothing was sent in between.
+        None when unknown (Unix socket, no TCP_INFO). One syscall, no round trip."""
+
     def cancel(self, conn: Any, timeout: float) -> None:
         """Ask the server to cancel the query in flight, cooperatively; best effort."""
 

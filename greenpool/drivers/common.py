@@ -7,7 +7,9 @@ around pings and resets, the guard for interrupted queries, closing) is written 
 
 from __future__ import annotations
 
+import _socket
 import contextlib
+import struct
 from operator import attrgetter
 from typing import Any, ClassVar
 
@@ -111,6 +113,12 @@ class LibpqDriver:
             return None
         return standby == "on" or read_only == "on"
 
+    def sent_marker(self, conn: Any) -> int | None:
+        try:
+            return tcp_sent_marker(conn.fileno())
+        except Exception:
+            return None
+
     def client_state(self, conn: Any) -> tuple[Any, ...]:
         """The client-side attributes and callback lists of ``conn`` (``CLIENT_ATTRS``,
         ``CLIENT_LISTS``). No I/O."""
@@ -133,3 +141,27 @@ class LibpqDriver:
             if len(items) != len(old_items) or (items and tuple(items) != old_items):
                 items[:] = old_items
         self._drop_buffered(conn)
+
+
+_TCP_INFO = getattr(_socket, "TCP_INFO", None)
+_TCP_INFO_LEN = 208
+_unpack_sent = struct.Struct("=144xI52xQ").unpack_from  # tcpi_notsent_bytes, tcpi_bytes_sent
+
+
+def tcp_sent_marker(fd: int) -> int | None:
+    """Bytes the application wrote on TCP socket ``fd``: sent (retransmissions included)
+    plus still queued, from Linux's ``TCP_INFO`` (4.19+). None on another kind of socket,
+    an older kernel or another platform. The fd is borrowed, never closed."""
+    if _TCP_INFO is None or fd < 0:
+        return None
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, fd)
+    try:
+        info = sock.getsockopt(_socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+    if len(info) < _TCP_INFO_LEN:
+        return None
+    notsent, sent = _unpack_sent(info)
+    return int(notsent + sent)

@@ -176,9 +176,13 @@ class GreenQueuePool(Pool):
         if gp.closed:
             self._open(gp)
         deadline = monotonic() + self._timeout
+        first = True
         while True:
             try:
-                rec: GreenRecord = gp.getconn(max(0.0, deadline - monotonic()))
+                # The GreenPool's own timeout is pool_timeout: only a retry needs the rest.
+                rec: GreenRecord = (
+                    gp.getconn() if first else gp.getconn(max(0.0, deadline - monotonic()))
+                )
             except (PoolTimeout, TooManyRequests) as ex:
                 raise sa_exc.TimeoutError(
                     f"GreenQueuePool limit of size {self._pool_size} overflow "
@@ -196,6 +200,7 @@ class GreenQueuePool(Pool):
                 # closes it, opens a replacement, and this greenlet takes the next one.
                 rec.stale = True
                 gp.putconn(rec)
+                first = False
                 continue
             return rec
 
@@ -353,8 +358,10 @@ def _install_gc_deferral() -> None:
 
 
 def _finalize_fairy(*args: Any, **kwargs: Any) -> Any:
+    if not kwargs.get("is_gc_cleanup"):
+        return _sqlalchemy_finalize_fairy(*args, **kwargs)
     pool = args[2] if len(args) > 2 else kwargs.get("pool")
-    if kwargs.get("is_gc_cleanup") and isinstance(pool, GreenQueuePool) and pool._hub:
+    if isinstance(pool, GreenQueuePool) and pool._hub:
         # No I/O and no switch here: queue a callback that spawns the return.
         pool._hub.loop.run_callback_threadsafe(_spawn_return, args, kwargs)
         return None

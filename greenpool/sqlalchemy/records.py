@@ -140,6 +140,10 @@ class RecordDriver:
         conn = self._conn(rec)
         return None if conn is None else self.inner.server_read_only(conn)
 
+    def sent_marker(self, rec: GreenRecord) -> int | None:
+        conn = rec.dbapi_connection
+        return None if conn is None else self.inner.sent_marker(conn)
+
     def cancel(self, rec: GreenRecord, timeout: float) -> None:
         self.inner.cancel(self._conn(rec), timeout)
 

@@ -119,6 +119,9 @@ class FakeDriver:
     def server_read_only(self, conn: FakeConn) -> bool | None:
         return None
 
+    def sent_marker(self, conn: FakeConn) -> int | None:
+        return None
+
     def is_connection(self, obj: Any) -> bool:
         return isinstance(obj, FakeConn)
 
