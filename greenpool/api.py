@@ -179,7 +179,6 @@ class GreenPool(Pool[ConnT]):
             )
             router = self._router
             self._getconn_read_only = router.getconn
-            self._release_foreign = router.release
         self._grow = self._connector.grow
         self._vet = self._vetting.checkout
         self._clean = self._vetting.clean

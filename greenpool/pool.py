@@ -184,8 +184,9 @@ class Pool(Generic[ConnT]):
         self._getconn_read_only: Callable[[float | None, str | None], Any] = (
             lambda timeout, after: self.getconn(timeout)
         )
-        #: A connection this pool did not lend: maybe a replica's (see greenpool.routing).
-        self._release_foreign: Callable[[Any, ConnState | None], bool] = lambda c, s: False
+        #: Connections lent through this pool by another (a replica's, by id; see
+        #: greenpool.routing): given back here, they go to the pool that owns them.
+        self._foreign: dict[int, Pool[Any]] = {}
         # Counters (see greenpool.stats).
         self.acquire_count = 0
         self.peak_acquired = 0
@@ -356,7 +357,9 @@ class Pool(Generic[ConnT]):
         """putconn, with the connection's state already read by the caller (or None)."""
         rec = self._lent.pop(id(conn), None)
         if rec is None:
-            if self._release_foreign(conn, state):
+            owner = self._foreign.pop(id(conn), None)
+            if owner is not None:
+                owner._release(conn, state)
                 return
             kind = "one of its connections" if self._driver.is_connection(conn) else "a connection"
             raise PoolError(
@@ -506,6 +509,7 @@ class Pool(Generic[ConnT]):
         conns = [rec.conn for rec in (*self._idle, *self._lent.values())]
         self._idle.clear()
         self._lent.clear()
+        self._foreign.clear()
         self._slots = self._constructing = self._closing = 0
         self._waiters = WaitQueue()
         self._waiting = self._waiters.queue

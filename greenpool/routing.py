@@ -101,7 +101,9 @@ class Router:
         self.max_lag = max_lag
         self.fallback = fallback
         self.check_period = check_period
-        self._owner: dict[int, GreenPool[Any]] = {}  # id(conn) -> replica pool that lent it
+        #: id(conn) -> the replica pool that lent it: the primary's own table, so that its
+        #: putconn hands the connection to that pool with no call through the router.
+        self._lent: dict[int, Any] = primary._foreign
         self._primary_probe: Any = None
         self._primary_lsn: int | None = None
         #: (primary WAL position, when the monitor saw it), oldest first, for lag times.
@@ -154,7 +156,7 @@ class Router:
                         # Saturated for the borrower's whole timeout: the primary may
                         # serve at once, but the borrower must not wait a second time.
                         return self._fallback(0.0, None)
-                    self._owner[id(conn)] = pool
+                    self._lent[id(conn)] = pool
                     return conn
             return self._fallback(timeout, None)
         limit = self._primary.settings.timeout if timeout is None else seconds("timeout", timeout)
@@ -174,7 +176,7 @@ class Router:
                     pass  # that replica is saturated: the primary may still serve
                 else:
                     if wanted is None or self._caught_up(chosen, conn, wanted):
-                        self._owner[id(conn)] = chosen.pool
+                        self._lent[id(conn)] = chosen.pool
                         return conn
                     chosen.pool.putconn(conn)
             if monotonic() + 0.02 < deadline and self._may_catch_up():
@@ -193,16 +195,6 @@ class Router:
         if deadline is not None:
             timeout = max(0.0, deadline - monotonic())
         return self._primary.getconn(timeout)
-
-    def release(self, conn: Any, state: Any) -> bool:
-        """Give a replica's connection back to its pool; False if no replica lent it.
-
-        Switches while cleaning."""
-        pool = self._owner.pop(id(conn), None)
-        if pool is None:
-            return False
-        pool._release(conn, state)
-        return True
 
     def _choose(self, wanted: int | None) -> Replica | None:
         now = monotonic()
