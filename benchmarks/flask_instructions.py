@@ -41,9 +41,7 @@ if __name__ == "__main__" and "--child" in sys.argv:  # measured process: patch 
     monkey.patch_all()
 
 import argparse
-import os
 import re
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -51,6 +49,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from benchmarks.callgrind import count_marked, have_valgrind, parse_cases, server
 
 WARMUP = 300
 CASES = ("nodb", "ext", "ext_noreset", "raw_hand", "raw", "psycopg_pool_hand")
@@ -129,65 +129,14 @@ def _run(args: list[str], timeout: float = 900) -> subprocess.CompletedProcess[s
     )
 
 
-def _control(pid: int, what: str) -> None:
-    proc = _run(["callgrind_control", "-i", what, str(pid)], timeout=60)
-    if proc.returncode != 0:
-        raise RuntimeError(f"callgrind_control -i {what} failed: {proc.stdout} {proc.stderr}")
-
-
 def _callgrind(case: str, dsn: str, ops: int, workdir: Path, path: str = PATH) -> int:
     """Instructions of ``ops`` requests: start-up and warm-up run uninstrumented (fast),
     and ``callgrind_control`` switches instrumentation on for the measured loop only."""
-    out = workdir / f"{case}.{ops}.out"
-    errfile = workdir / f"{case}.{ops}.err"
-    with errfile.open("w+") as err:
-        proc = subprocess.Popen(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--instr-atstart=no",
-                f"--callgrind-out-file={out}",
-                sys.executable,
-                "-m",
-                "benchmarks.flask_instructions",
-                "--child",
-                case,
-                "--dsn",
-                dsn,
-                "--ops",
-                str(ops),
-                "--path",
-                path,
-            ],
-            cwd=REPO,
-            # A fixed hash seed: dict probing and set order otherwise change the count of a
-            # case by several thousand instructions from one run to the next.
-            env={**os.environ, "PYTHONHASHSEED": "0"},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            for expect, switch in (("READY", "on"), ("DONE", "off")):
-                line = proc.stdout.readline()
-                if line.strip() != expect:
-                    raise RuntimeError(f"{case}: child said {line!r} instead of {expect}")
-                _control(proc.pid, switch)
-                proc.stdin.write("\n")
-                proc.stdin.flush()
-            proc.wait(timeout=600)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        err.seek(0)
-        stderr = err.read()
-    found = re.search(r"Collected : (\d+)", stderr)
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(f"{case}: callgrind run failed:\n{stderr[-2000:]}")
-    return int(found.group(1))
+    child = ["-m", "benchmarks.flask_instructions", "--child", case, "--dsn", dsn,
+             "--ops", str(ops), "--path", path]  # fmt: skip
+    return count_marked(
+        case, child, workdir / f"{case}.{ops}.out", workdir / f"{case}.{ops}.err"
+    )
 
 
 def measure(
@@ -274,32 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             child(args.child, args.dsn, args.ops, args.path)
         return 0
-    if shutil.which("valgrind") is None:
-        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+    if not have_valgrind():
         return 2
-    cases = [c for c in args.cases.split(",") if c]
-    unknown = set(cases) - set(CASES)
-    if unknown:
-        ap.error(f"unknown case(s): {', '.join(sorted(unknown))}; known: {', '.join(CASES)}")
+    cases = parse_cases(ap, args.cases, CASES)
     sys.path.insert(0, str(REPO))
-    cluster: Any = None
-    dsn = args.dsn
-    if dsn is None:
-        from greenpool.embedded import EmbeddedPostgres
-
-        cluster = EmbeddedPostgres()
-        cluster.start()
-        dsn = cluster.dsn()
-    try:
+    with server(args.dsn) as dsn:
         k = measure(dsn, args.ops, cases, args.path, args.repeats)
         per_us = nodb_us = None
         if not args.no_timing and "nodb" in k:
             nodb_us = timed("nodb", dsn)
             per_us = k["nodb"] * 1000 / nodb_us[0]
         print(report(k, per_us, nodb_us))
-    finally:
-        if cluster is not None:
-            cluster.destroy()
     return 0
 
 

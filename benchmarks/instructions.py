@@ -34,12 +34,12 @@ if __name__ == "__main__" and "--child" in sys.argv:  # measured process: patch 
 
 import argparse
 import re
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from benchmarks.callgrind import have_valgrind, parse_cases, server
 
 WARMUP = 300
 
@@ -179,27 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args.child, args.dsn, args.ops)
         return 0
-    if shutil.which("valgrind") is None:
-        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+    if not have_valgrind():
         return 2
-    cases = [c for c in args.cases.split(",") if c]
-    unknown = set(cases) - set(CASES)
-    if unknown:
-        ap.error(f"unknown case(s): {', '.join(sorted(unknown))}; known: {', '.join(CASES)}")
+    cases = parse_cases(ap, args.cases, CASES)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    cluster: Any = None
-    dsn = args.dsn
-    if dsn is None:
-        from greenpool.embedded import EmbeddedPostgres
-
-        cluster = EmbeddedPostgres()
-        cluster.start()
-        dsn = cluster.admin_dsn
-    try:
+    with server(args.dsn) as dsn:
         print(report(measure(dsn, args.ops, cases)))
-    finally:
-        if cluster is not None:
-            cluster.destroy()
     return 0
 
 

@@ -29,14 +29,11 @@ if __name__ == "__main__" and "--child" in sys.argv:  # measured process: patch 
     monkey.patch_all()
 
 import argparse
-import os
-import re
-import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from benchmarks.callgrind import count_marked, have_valgrind, parse_cases, server
 
 WARMUP = 300
 POOLS = {"green": "sa_greenpool", "queue": "sa_queuepool"}
@@ -112,49 +109,11 @@ def child(case: str, dsn: str, ops: int) -> None:
     sys.stdin.readline()
 
 
-def _control(pid: int, what: str) -> None:
-    proc = subprocess.run(
-        ["callgrind_control", "-i", what, str(pid)], capture_output=True, text=True, timeout=60
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"callgrind_control -i {what} failed: {proc.stdout} {proc.stderr}")
-
-
 def callgrind(case: str, dsn: str, ops: int, workdir: Path) -> int:
     """Instructions of ``ops`` operations of ``case`` (instrumented loop only)."""
-    out = workdir / f"{case}.out"
-    with (workdir / f"{case}.err").open("w+") as err:
-        proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-             f"--callgrind-out-file={out}", sys.executable, "-m",
-             "benchmarks.orm_instructions", "--child", case, "--dsn", dsn, "--ops", str(ops)],
-            cwd=REPO,
-            env={**os.environ, "PYTHONHASHSEED": "0"},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )  # fmt: skip
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            for expect, switch in (("READY", "on"), ("DONE", "off")):
-                line = proc.stdout.readline()
-                if line.strip() != expect:
-                    raise RuntimeError(f"{case}: child said {line!r} instead of {expect}")
-                _control(proc.pid, switch)
-                proc.stdin.write("\n")
-                proc.stdin.flush()
-            proc.wait(timeout=600)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        err.seek(0)
-        stderr = err.read()
-    found = re.search(r"Collected : (\d+)", stderr)
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(f"{case}: callgrind run failed:\n{stderr[-2000:]}")
-    return int(found.group(1))
+    child = ["-m", "benchmarks.orm_instructions", "--child", case, "--dsn", dsn,
+             "--ops", str(ops)]  # fmt: skip
+    return count_marked(case, child, workdir / f"{case}.out", workdir / f"{case}.err")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,25 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args.child, args.dsn, args.ops)
         return 0
-    if shutil.which("valgrind") is None:
-        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+    if not have_valgrind():
         return 2
-    cases = [c for c in args.cases.split(",") if c]
-    unknown = set(cases) - set(CASES)
-    if unknown:
-        ap.error(f"unknown case(s): {', '.join(sorted(unknown))}; known: {', '.join(CASES)}")
+    cases = parse_cases(ap, args.cases, CASES)
     sys.path.insert(0, str(REPO))
     from benchmarks.orm import prepare
 
-    cluster: Any = None
-    dsn = args.dsn
-    if dsn is None:
-        from greenpool.embedded import EmbeddedPostgres
-
-        cluster = EmbeddedPostgres()
-        cluster.start()
-        dsn = cluster.dsn()
-    try:
+    with server(args.dsn) as dsn:
         prepare(dsn)
         results: dict[str, float] = {}
         with tempfile.TemporaryDirectory(prefix="greenpool-callgrind-") as tmp:
@@ -200,9 +147,6 @@ def main(argv: list[str] | None = None) -> int:
             g, q = results.get(f"green_{op}"), results.get(f"queue_{op}")
             if g is not None and q is not None:
                 print(f"| {op} | {g:.1f}k | {q:.1f}k | {g / q:.2f} |")
-    finally:
-        if cluster is not None:
-            cluster.destroy()
     return 0
 
 

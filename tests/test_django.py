@@ -404,6 +404,16 @@ def test_bad_pool_options_name_the_setting(django_app: Any, dsn: str) -> None:
         wrapper(OPTIONS={"pool": {"min_size": 5, "max_size": 2}})
 
 
+def run_python(argv: list[str], env: dict[str, str]) -> str:
+    """Run this interpreter with ``argv`` in the checkout; its stdout (it must succeed)."""
+    out = subprocess.run(
+        [sys.executable, *argv], env=env, capture_output=True, text=True, timeout=60,
+        cwd=repo_root(),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_without_gevent_the_backend_connects_as_django_does(dsn: str) -> None:
     """``manage.py`` in a process gevent never patched: Django's own per-thread
     connections (the threaded runserver too), no pool, no warning."""
@@ -420,16 +430,7 @@ def test_without_gevent_the_backend_connects_as_django_does(dsn: str) -> None:
         "from examples.django_app.bank.models import Account; print(Account.objects.count());"
         "from greenpool.django import get_pool; print(get_pool('default'))"
     )
-    out = subprocess.run(
-        [sys.executable, "-W", "error::RuntimeWarning", "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=repo_root(),
-    )
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.split()
+    lines = run_python(["-W", "error::RuntimeWarning", "-c", code], env).split()
     assert int(lines[0]) >= 0 and lines[1] == "None"
 
 
@@ -518,16 +519,7 @@ def test_psycopg2_backend_under_gevent(dsn: str) -> None:
         "OWNER": owner,
         "PYTHONPATH": repo_root(),
     }
-    out = subprocess.run(
-        [sys.executable, "-c", PSYCOPG2_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=repo_root(),
-    )
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(run_python(["-c", PSYCOPG2_SCRIPT], env).strip().splitlines()[-1])
     assert result["database"] == "psycopg2" and result["modules"] == ["psycopg2"]
     assert result["pids"] == 3  # three greenlets, three pooled backends at once
     assert (result["ok"], result["killed"]) == (1, 0)
