@@ -38,6 +38,7 @@ import pytest
 from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 
+from tests.support.freshvenv import copy_source, find_uv
 from tests.support.hygiene import outcome
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,24 +94,6 @@ def find_python(version: tuple[int, int]) -> str | None:
         if out.returncode == 0 and out.stdout.strip() == "{}.{}".format(*version):
             return candidate
     return None
-
-
-def find_uv() -> str | None:
-    """uv from this environment's bin directory (the dev extras install it), or PATH."""
-    return shutil.which("uv", path=os.path.dirname(sys.executable)) or shutil.which("uv")
-
-
-def _copy_source(workdir: Path) -> Path:
-    """What the package is built from, copied, so the checkout gets no build/ and the two
-    installs do not build in one directory at once."""
-    src = workdir / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("greenpool", "examples"):
-        shutil.copytree(REPO / name, src / name, ignore=ignore)
-    return src
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -189,7 +172,7 @@ def runs(dsn: str) -> Iterator[dict[str, Any]]:
     databases: list[str] = []
     started: dict[str, Any] = {}
     try:
-        src = _copy_source(workdir)
+        src = copy_source(workdir)
         for release in RELEASES:
             if uv is None:
                 started[release.name] = "uv is not installed: pip install -e '.[dev]'"

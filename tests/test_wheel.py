@@ -25,6 +25,7 @@ import gevent
 import pytest
 
 from greenpool.embedded import free_port
+from tests.support.freshvenv import copy_source, find_uv
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -66,13 +67,7 @@ def workdir() -> Iterator[Path]:
 
 def _build_wheel(workdir: Path) -> Path:
     """Build from a copy of what the wheel is made of, so the checkout gets no build/."""
-    src = workdir / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.orig")
-    for name in ("greenpool", "examples"):
-        shutil.copytree(REPO / name, src / name, ignore=ignore)
+    src = copy_source(workdir)
     dist = workdir / "dist"
     _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(dist), str(src)],
          cwd=workdir, timeout=300)  # fmt: skip
@@ -82,11 +77,10 @@ def _build_wheel(workdir: Path) -> Path:
 
 def _installer(py: str) -> list[str]:
     """uv (a test dependency: ~10x faster from an empty cache), else the venv's pip."""
-    try:
-        from uv import find_uv_bin
-    except ImportError:
+    uv = find_uv()
+    if uv is None:
         return [py, "-m", "pip", "install", "--quiet", "--no-compile"]
-    return [find_uv_bin(), "pip", "install", "--quiet", "--python", py]
+    return [uv, "pip", "install", "--quiet", "--python", py]
 
 
 def _wheel_has_every_package(wheel: Path) -> None:
