@@ -448,9 +448,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _replica_specs(args: argparse.Namespace, environ: dict[str, str]) -> list[tuple[str, int]]:
-    """(conninfo, max_size) of each replica: --replica, else $GREENPOOL_REPLICAS."""
-    default = args.replica_max_size or args.max_size
+def _replica_specs(
+    args: argparse.Namespace, environ: dict[str, str], default: int
+) -> list[tuple[str, int]]:
+    """(conninfo, max_size) of each replica: --replica, else $GREENPOOL_REPLICAS; a
+    replica's max_size is ``default`` unless the environment gives its own."""
     if args.replica:
         return [(conninfo, default) for conninfo in args.replica]
     text = environ.get("GREENPOOL_REPLICAS", "").strip()
@@ -478,18 +480,18 @@ def _replica_specs(args: argparse.Namespace, environ: dict[str, str]) -> list[tu
 
 def _replica_servers(args: argparse.Namespace, environ: dict[str, str]) -> list[ReplicaServer]:
     """The replicas to count, their limits read from each (or given offline)."""
+    size = args.replica_max_size or args.max_size
     if args.replica_max_connections:
         if args.replica:
             raise BudgetError("--replica and --replica-max-connections do not go together")
-        size = args.replica_max_size or args.max_size
         return [
             ReplicaServer(ServerLimits(n, args.superuser_reserved), size)
             for n in args.replica_max_connections
         ]
     servers = []
-    for i, (conninfo, size) in enumerate(_replica_specs(args, environ)):
+    for i, (conninfo, max_size) in enumerate(_replica_specs(args, environ, size)):
         try:
-            servers.append(ReplicaServer(fetch_limits(conninfo, args.timeout), size))
+            servers.append(ReplicaServer(fetch_limits(conninfo, args.timeout), max_size))
         except BudgetError as ex:
             raise BudgetError(f"replica {i}: {ex}") from None
     return servers
